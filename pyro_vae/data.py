@@ -1,0 +1,247 @@
+"""Datasets: scikit-learn's bundled 8x8 digits (no download), the torchvision MNIST family and CIFAR-10,
+and user tensors, numpy arrays or DataLoaders.
+
+Every dataset comes back as float tensors in [0, 1] of shape (N, C, H, W) with integer labels, split into
+train / validation / test. Nothing is downloaded unless asked: offline, the files must already be in
+``data_dir`` (for MNIST: ``data_dir/MNIST/raw/*-ubyte.gz``), and a missing file is a clear error saying
+where to put it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["Dataset", "DataError", "load_dataset", "check_data", "binarize", "DATASETS", "default_data_dir"]
+
+#: the test (and validation) sets of Bernoulli runs are binarized once with this seed
+TEST_BINARIZATION_SEED = 20150101
+
+
+class DataError(ValueError):
+    """Bad or missing data; the message names the problem."""
+
+
+@dataclass
+class Dataset:
+    """Train / validation / test tensors of one dataset (x in [0, 1], shape (N, *input_shape))."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor | None
+    x_val: torch.Tensor
+    y_val: torch.Tensor | None
+    x_test: torch.Tensor
+    y_test: torch.Tensor | None
+    num_classes: int | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def default_data_dir() -> Path:
+    """``$PYRO_VAE_DATA`` if set, else ``~/.cache/pyro-vae/data``."""
+    return Path(os.environ.get("PYRO_VAE_DATA") or Path.home() / ".cache" / "pyro-vae" / "data")
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("PYRO_VAE_CACHE") or Path.home() / ".cache" / "pyro-vae")
+
+
+# --------------------------------------------------------------------------- validation
+def check_data(x, input_shape=None, name: str = "data") -> torch.Tensor:
+    """Validate a data tensor: non-empty, floating, finite, and of the expected per-point shape.
+
+    Returns ``x`` as a float32 tensor; raises :class:`DataError` naming the problem.
+    """
+    if isinstance(x, np.ndarray):
+        if x.dtype == object or not np.issubdtype(x.dtype, np.number):
+            raise DataError(f"{name} must be numeric, got a numpy array of dtype {x.dtype}")
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, torch.Tensor):
+        raise DataError(f"{name} must be a torch tensor, a numpy array or a DataLoader, got {type(x).__name__}")
+    if x.dtype == torch.bool or x.is_complex():
+        raise DataError(f"{name} must be real-valued, got dtype {x.dtype}")
+    x = x.float()
+    if x.dim() < 2:
+        raise DataError(f"{name} must have a batch dimension and at least one feature dimension, got shape "
+                        f"{tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise DataError(f"{name} is empty (0 data points)")
+    if input_shape is not None:
+        from .vae import as_batch
+
+        try:
+            x = as_batch(x, input_shape)
+        except ValueError as e:
+            raise DataError(f"{name}: {e}") from None
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        idx = int(bad.reshape(x.shape[0], -1).any(1).nonzero()[0])
+        raise DataError(f"{name} contains NaN or infinite values (first in data point {idx})")
+    return x
+
+
+def check_labels(y, n: int, num_classes: int | None = None, name: str = "labels") -> torch.Tensor:
+    """Integer labels, one per data point, in range [0, num_classes)."""
+    y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
+    if y.dim() != 1 or y.shape[0] != n:
+        raise DataError(f"{name} must be a vector of {n} integers, got shape {tuple(y.shape)}")
+    if torch.is_floating_point(y) and not bool((y == y.round()).all()):
+        raise DataError(f"{name} must be integers")
+    y = y.long()
+    if n and int(y.min()) < 0:
+        raise DataError(f"{name} must be non-negative, got {int(y.min())}")
+    if num_classes is not None and n and int(y.max()) >= num_classes:
+        raise DataError(f"{name} out of range: {int(y.max())} >= num_classes={num_classes}")
+    return y
+
+
+def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A Bernoulli draw per pixel with probability x: dynamic binarization (Salakhutdinov & Murray, 2008)."""
+    return torch.bernoulli(x, generator=generator)
+
+
+def is_binary(x: torch.Tensor) -> bool:
+    return bool(((x == 0) | (x == 1)).all())
+
+
+# --------------------------------------------------------------------------- splits
+def _split(x, y, fraction: float, seed: int):
+    """Split off a random ``fraction`` (at least one point) for validation."""
+    n = x.shape[0]
+    if not 0 <= fraction < 1:
+        raise DataError(f"val_fraction must be in [0, 1), got {fraction}")
+    n_val = max(1, int(round(n * fraction))) if fraction > 0 else 0
+    if n - n_val < 1:
+        raise DataError(f"a dataset of {n} point(s) is too small to split off a validation set")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    tr, va = perm[n_val:], perm[:n_val]
+    pick = (lambda t, i: None if t is None else t[i])
+    return x[tr], pick(y, tr), x[va], pick(y, va)
+
+
+# --------------------------------------------------------------------------- datasets
+def _digits(data_dir, val_fraction, seed, download):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    # a fixed test split (20%), independent of the run's seed, so test numbers compare across runs
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
+    n_test = x.shape[0] // 5
+    te, tr = perm[:n_test], perm[n_test:]
+    xtr, ytr, xva, yva = _split(x[tr], y[tr], val_fraction, seed)
+    return Dataset("digits", xtr, ytr, xva, yva, x[te], y[te], num_classes=10)
+
+
+_MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+
+def _prepare_mnist_root(root: Path, folder: str, download: bool) -> tuple[Path, bool]:
+    """Find the IDX files for a torchvision MNIST-family class; return (root to use, download flag).
+
+    Extracted files are read in place. ``.gz`` files are verified and extracted by torchvision, in a writable
+    copy (``~/.cache/pyro-vae``) when ``root`` is read-only. Missing files are a :class:`DataError`.
+    """
+    raw = root / folder / "raw"
+    if all((raw / f).exists() for f in _MNIST_FILES):
+        return root, False
+    if all((raw / (f + ".gz")).exists() for f in _MNIST_FILES):
+        # torchvision verifies the MD5s and extracts; do that in our cache so the user's folder (possibly
+        # read-only or shared) is never written to
+        cache = _cache_dir() / "data"
+        (cache / folder / "raw").mkdir(parents=True, exist_ok=True)
+        for f in _MNIST_FILES:
+            target = cache / folder / "raw" / (f + ".gz")
+            if not target.exists() and not (cache / folder / "raw" / f).exists():
+                shutil.copyfile(raw / (f + ".gz"), target)
+        return cache, not all((cache / folder / "raw" / f).exists() for f in _MNIST_FILES)
+    if download:
+        return root, True
+    raise DataError(
+        f"{folder} files not found: put {', '.join(f + '.gz' for f in _MNIST_FILES)} in {raw}/ "
+        f"(or pass --data-dir / set PYRO_VAE_DATA to the folder that holds {folder}/raw; "
+        f"--download fetches them where there is internet)"
+    )
+
+
+def _torchvision_mnist_family(cls_name):
+    def load(data_dir, val_fraction, seed, download):
+        import torchvision
+
+        cls = getattr(torchvision.datasets, cls_name)
+        root, dl = _prepare_mnist_root(Path(data_dir), cls_name, download)
+        try:
+            train = cls(str(root), train=True, download=dl)
+            test = cls(str(root), train=False, download=dl)
+        except DataError:
+            raise
+        except Exception as e:  # corrupt / truncated IDX files, failed integrity check, no network
+            raise DataError(f"could not read {cls_name} from {root / cls_name / 'raw'}: {e}") from None
+        x = train.data.float().div_(255).unsqueeze(1)
+        xte = test.data.float().div_(255).unsqueeze(1)
+        xtr, ytr, xva, yva = _split(x, train.targets.long(), val_fraction, seed)
+        return Dataset(cls_name.lower(), xtr, ytr, xva, yva, xte, test.targets.long(), num_classes=10)
+
+    return load
+
+
+def _cifar10(data_dir, val_fraction, seed, download):
+    import torchvision
+
+    root = Path(data_dir)
+    have = (root / "cifar-10-batches-py").is_dir() or (root / "cifar-10-python.tar.gz").exists()
+    if not have and not download:
+        raise DataError(f"CIFAR-10 files not found: put cifar-10-python.tar.gz (or its extracted "
+                        f"cifar-10-batches-py/ folder) in {root}/")
+    try:
+        train = torchvision.datasets.CIFAR10(str(root), train=True, download=not (root / "cifar-10-batches-py").is_dir())
+        test = torchvision.datasets.CIFAR10(str(root), train=False, download=False)
+    except Exception as e:
+        raise DataError(f"could not read CIFAR-10 from {root}: {e}") from None
+    to_x = lambda a: torch.from_numpy(a).float().div_(255).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+    xtr, ytr, xva, yva = _split(to_x(train.data), torch.tensor(train.targets), val_fraction, seed)
+    return Dataset("cifar10", xtr, ytr, xva, yva, to_x(test.data), torch.tensor(test.targets), num_classes=10)
+
+
+DATASETS = {
+    "digits": _digits,
+    "mnist": _torchvision_mnist_family("MNIST"),
+    "fashion-mnist": _torchvision_mnist_family("FashionMNIST"),
+    "kmnist": _torchvision_mnist_family("KMNIST"),
+    "cifar10": _cifar10,
+}
+
+
+def load_dataset(name: str = "digits", data_dir=None, val_fraction: float = 0.1, seed: int = 0,
+                 download: bool = False) -> Dataset:
+    """Load a dataset by name: ``digits`` (bundled), ``mnist``, ``fashion-mnist``, ``kmnist``, ``cifar10``.
+
+    ``data_dir`` defaults to :func:`default_data_dir`. The validation split is drawn with ``seed``.
+    """
+    try:
+        loader = DATASETS[name]
+    except KeyError:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}") from None
+    return loader(Path(data_dir) if data_dir is not None else default_data_dir(), val_fraction, seed, download)
+
+
+def from_arrays(x, y=None, *, input_shape=None, val_fraction: float = 0.1, seed: int = 0,
+                name: str = "user") -> Dataset:
+    """Wrap user data (tensor or numpy array, optional labels) as a :class:`Dataset`; the test set is the
+    validation split."""
+    x = check_data(x, input_shape)
+    if x.dim() == 2:  # plain feature vectors
+        x = x.unsqueeze(1)
+    y = None if y is None else check_labels(y, x.shape[0])
+    xtr, ytr, xva, yva = _split(x, y, val_fraction, seed) if val_fraction > 0 else (x, y, x[:0], None)
+    num_classes = None if y is None else int(y.max()) + 1
+    return Dataset(name, xtr, ytr, xva, yva, xva, yva, num_classes=num_classes)

@@ -1,0 +1,121 @@
+"""Figures: samples, reconstructions, the latent space ("encodings of MNIST") and training curves.
+
+Image grids use ``torchvision.utils.save_image``; plots use matplotlib's Agg backend (no display needed).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torchvision.utils import save_image  # noqa: E402
+
+__all__ = ["save_samples", "save_reconstructions", "plot_latent", "plot_curves", "draw_run_figures",
+           "latent_2d"]
+
+
+def _grid_images(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) images in [0, 1] for a grid; non-image data is shown as a 1-pixel-high strip."""
+    if x.dim() == 2:
+        x = x[:, None, None, :]
+    elif x.dim() == 3:
+        x = x[:, None]
+    return x.clamp(0, 1)
+
+
+def save_samples(vae, path, n: int = 64, nrow: int | None = None, mean: bool = True, **kwargs) -> Path:
+    """Decode n draws z ~ N(0, I) into an image grid (``E[x|z]`` unless ``mean=False``)."""
+    x = vae.sample(n, mean=mean, **kwargs)
+    save_image(_grid_images(x.cpu()), path, nrow=nrow or max(1, int(n ** 0.5)), padding=1, pad_value=0.5)
+    return Path(path)
+
+
+def save_reconstructions(vae, x: torch.Tensor, path, n: int = 32) -> Path:
+    """Pairs of rows: originals, then their reconstructions E[x|z=mean of q(z|x)]."""
+    x = x[:n]
+    r = vae.reconstruct(x)
+    per_row = min(8, n)
+    rows = []
+    for i in range(0, x.shape[0], per_row):
+        rows += [x[i:i + per_row], r[i:i + per_row]]
+    save_image(_grid_images(torch.cat(rows).cpu()), path, nrow=per_row, padding=1, pad_value=0.5)
+    return Path(path)
+
+
+def latent_2d(z: torch.Tensor, method: str = "pca", seed: int = 0):
+    """Project posterior means to 2-d: the coordinates themselves when d <= 2, else PCA or t-SNE."""
+    z = z.detach().cpu().numpy()
+    if z.shape[1] == 1:
+        import numpy as np
+
+        return np.concatenate([z, np.zeros_like(z)], 1), "z"
+    if z.shape[1] == 2:
+        return z, "z"
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        return TSNE(2, random_state=seed, init="pca", perplexity=min(30, len(z) - 1)).fit_transform(z), "t-SNE"
+    if method != "pca":
+        raise ValueError(f"unknown projection {method!r}; choose pca or tsne")
+    from sklearn.decomposition import PCA
+
+    return PCA(2, random_state=seed).fit_transform(z), "PCA"
+
+
+def plot_latent(vae, x: torch.Tensor, labels, path, method: str = "pca", title: str | None = None) -> Path:
+    """The posterior means of ``x`` coloured by label (the "encodings of MNIST" picture)."""
+    with torch.no_grad():
+        z = vae.posterior_mean(x)
+    pts, how = latent_2d(z, method)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    c = None if labels is None else labels.cpu().numpy()
+    sc = ax.scatter(pts[:, 0], pts[:, 1], c=c, cmap="tab10", s=6, alpha=0.8)
+    if c is not None:
+        fig.colorbar(sc, ax=ax, label="label")
+    ax.set_xlabel(f"{how} 1" if how != "z" else "z_1")
+    ax.set_ylabel(f"{how} 2" if how != "z" else "z_2")
+    ax.set_title(title or f"posterior means E[z|x] ({how})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_curves(metrics: list[dict], path) -> Path:
+    """Train objective (as a bound, nats per data point) and validation ELBO against epochs."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [m["epoch"] for m in metrics]
+    ax.plot(epochs, [-m["train_loss"] for m in metrics], label="train objective (-loss)")
+    if any("val_elbo" in m for m in metrics):
+        ax.plot([m["epoch"] for m in metrics if "val_elbo" in m],
+                [m["val_elbo"] for m in metrics if "val_elbo" in m], label="validation ELBO")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per data point")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def draw_run_figures(run, data=None, latent_method: str = "pca") -> list[Path]:
+    """(Re)draw samples.png, reconstructions.png, latent.png and curves.png in the run directory."""
+    from .training import prepare_eval_data
+
+    data = data if data is not None else run.load_data()
+    vae, d = run.vae.cpu().eval(), Path(run.dir)
+    torch.manual_seed(0)
+    x_test = prepare_eval_data(vae, data.x_test, run.config.binarize)
+    paths = [
+        save_samples(vae, d / "samples.png", 64),
+        save_reconstructions(vae, x_test, d / "reconstructions.png"),
+        plot_latent(vae, x_test[:2000], None if data.y_test is None else data.y_test[:2000], d / "latent.png",
+                    latent_method),
+    ]
+    if run.metrics:
+        paths.append(plot_curves(run.metrics, d / "curves.png"))
+    return paths
