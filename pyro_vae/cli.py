@@ -69,9 +69,12 @@ def _add_train(sub):
     p.add_argument("--network", default=_D.network, choices=["mlp", "conv"])
     p.add_argument("--likelihood", default=_D.likelihood, choices=list(LIKELIHOODS))
     p.add_argument("--sigma", default=None, help="gaussian likelihood: decoder | learned | a fixed number")
-    p.add_argument("--guide", default=_D.guide, help="posterior family: diagonal, cholesky, lowrank, iaf, ...")
+    p.add_argument("--guide", default=_D.guide, help="posterior family: diagonal, cholesky, lowrank, iaf, laplace, studentt")
     p.add_argument("--rank", type=_positive_int, default=None, help="rank of the lowrank guide")
     p.add_argument("--flow-steps", type=_positive_int, default=None, help="number of IAF steps")
+    p.add_argument("--conditional", action="store_true", help="a conditional VAE on the class label")
+    p.add_argument("--prior", default=_D.prior, choices=["standard", "learned"],
+                   help="conditional prior p(z|c): N(0, I) or a network of c")
     p.add_argument("--objective", default=_D.objective, help="elbo | analytic | iwae")
     p.add_argument("--num-particles", type=_positive_int, default=_D.num_particles)
     p.add_argument("--estimator", default=_D.estimator, choices=["iwae", "dreg", "stl"])
@@ -82,7 +85,10 @@ def _add_train(sub):
     p.add_argument("--lr", type=_positive_float, default=_D.lr)
     p.add_argument("--seed", type=int, default=_D.seed)
     p.add_argument("--device", default=_D.device, choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--checkpoint-every", type=_positive_int, default=_D.checkpoint_every, help="epochs")
+    p.add_argument("--checkpoint-every", default=str(_D.checkpoint_every),
+                   help="checkpoint interval: N epochs, or Nsteps (e.g. 500steps) for optimizer steps")
+    p.add_argument("--on-nan", default=_D.on_nan, choices=["stop", "skip"],
+                   help="a non-finite loss stops training (default) or its step is skipped")
     p.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")
     p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run from its last checkpoint")
     p.add_argument("--no-progress", action="store_true")
@@ -97,19 +103,30 @@ def _cmd_train(args):
         guide_kwargs["rank"] = args.rank
     if args.flow_steps is not None:
         guide_kwargs["flow_steps"] = args.flow_steps
+    every, steps = _checkpoint_interval(args.checkpoint_every)
     config = RunConfig(
         dataset=args.dataset, data_dir=args.data_dir, download=args.download, val_fraction=args.val_fraction,
         binarize=args.binarize, z_dim=args.z_dim, hidden=args.hidden, activation=args.activation,
         network=args.network, likelihood=args.likelihood, sigma=args.sigma, guide=args.guide,
-        guide_kwargs=guide_kwargs, objective=args.objective, num_particles=args.num_particles,
+        guide_kwargs=guide_kwargs, conditional=args.conditional, prior=args.prior, objective=args.objective, num_particles=args.num_particles,
         estimator=args.estimator, beta=args.beta, kl_warmup=args.kl_warmup, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-        checkpoint_every=args.checkpoint_every,
+        checkpoint_every=every, checkpoint_steps=steps, on_nan=args.on_nan,
     )
     if args.resume and args.out:
         raise UsageError("give either --resume RUN_DIR or --out DIR, not both")
     run_dir = train_run(config, args.resume or args.out, resume=bool(args.resume), progress=not args.no_progress)
     print(f"run written to {run_dir}")
+
+
+def _checkpoint_interval(text: str) -> tuple[int, int]:
+    """'3' -> every 3 epochs; '500steps' -> every 500 optimizer steps (and at each epoch end)."""
+    t = text.strip().lower()
+    steps = t.endswith("steps") or t.endswith("step")
+    num = t.removesuffix("steps").removesuffix("step") if steps else t.removesuffix("epochs").removesuffix("epoch")
+    if not num.isdigit() or int(num) < 1:
+        raise UsageError(f"--checkpoint-every must be a positive number of epochs or e.g. 500steps, got {text!r}")
+    return (1, int(num)) if steps else (int(num), 0)
 
 
 def _add_evaluate(sub):
@@ -141,6 +158,7 @@ def _add_sample(sub):
     p.add_argument("--out", default=None, help="image path (default RUN_DIR/samples-N.png)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--draw", action="store_true", help="draw x ~ p(x|z) instead of showing E[x|z]")
+    p.add_argument("--label", type=int, default=None, help="conditional runs: generate only this class")
     p.set_defaults(func=_cmd_sample)
 
 
@@ -152,8 +170,18 @@ def _cmd_sample(args):
 
     run = load_run(args.run_dir)
     torch.manual_seed(args.seed)
-    out = Path(args.out) if args.out else Path(args.run_dir) / f"samples-{args.n}.png"
-    save_samples(run.vae, out, args.n, mean=not args.draw)
+    kwargs = {}
+    if run.vae.conditional:
+        if args.label is None:
+            raise UsageError("this run is conditional: give --label K to choose the class to generate")
+        if not 0 <= args.label < run.vae.num_classes:
+            raise UsageError(f"--label must be in [0, {run.vae.num_classes}), got {args.label}")
+        kwargs["label"] = args.label
+    elif args.label is not None:
+        raise UsageError("--label needs a conditional run (train with --conditional)")
+    suffix = f"-label{args.label}" if args.label is not None else ""
+    out = Path(args.out) if args.out else Path(args.run_dir) / f"samples-{args.n}{suffix}.png"
+    save_samples(run.vae, out, args.n, mean=not args.draw, **kwargs)
     print(f"samples written to {out}")
 
 
@@ -184,12 +212,17 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .data import DataError
+    from .distributed import DistributedConfigError
+    from .training import DivergenceError
 
     try:
         args.func(args)
-    except (UsageError, DataError, ValueError, FileNotFoundError) as e:
+    except (UsageError, DataError, ValueError, FileNotFoundError, DistributedConfigError) as e:
         print(f"pyro-vae {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except DivergenceError as e:
+        print(f"pyro-vae {args.command}: diverged: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

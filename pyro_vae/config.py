@@ -27,6 +27,9 @@ class RunConfig:
     sigma: str | None = None
     guide: str = "diagonal"
     guide_kwargs: dict = field(default_factory=dict)
+    conditional: bool = False  # condition on the class label (ConditionalVAE)
+    prior: str = "standard"  # conditional prior p(z|c): standard | learned
+    num_classes: int | None = None  # filled in from the dataset for conditional runs
     # objective
     objective: str = "elbo"
     num_particles: int = 1
@@ -39,7 +42,9 @@ class RunConfig:
     lr: float = 1e-3
     seed: int = 0
     device: str = "auto"
-    checkpoint_every: int = 1
+    checkpoint_every: int = 1  # epochs
+    checkpoint_steps: int = 0  # optimizer steps; 0 = only at epoch ends
+    on_nan: str = "stop"  # stop | skip
 
     def __post_init__(self):
         self.hidden = tuple(int(h) for h in self.hidden)

@@ -33,7 +33,7 @@ _MIN_SCALE = 1e-3
 
 
 class Likelihood(nn.Module):
-    """Base class. Subclasses set ``num_params`` and implement ``forward`` and ``mean``."""
+    """Base class. Subclasses set ``num_params`` and implement ``pixelwise`` (and ``mean`` if not the distribution's)."""
 
     num_params: int = 1
     #: the data must lie in [0, 1] (checked once on the data, not per step)
@@ -50,12 +50,21 @@ class Likelihood(nn.Module):
         """Split a decoder output (..., num_params, *input_shape) into its parameter tensors."""
         return out.unbind(dim=-(self.event_dim + 1))
 
-    def forward(self, out: torch.Tensor) -> dist.TorchDistribution:  # pragma: no cover
+    def pixelwise(self, out: torch.Tensor) -> dist.TorchDistribution:  # pragma: no cover
+        """The per-pixel distribution (batch_shape ends with input_shape)."""
         raise NotImplementedError
+
+    def forward(self, out: torch.Tensor, mask: torch.Tensor | None = None) -> dist.TorchDistribution:
+        """p(x|z) with the pixels folded into the event; ``mask`` (bool, broadcastable to the data) keeps only
+        the selected pixels in log p(x|z) (e.g. the missing quadrants of an image completion task)."""
+        d = self.pixelwise(out)
+        if mask is not None:
+            d = d.mask(mask)
+        return d.to_event(self.event_dim)
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
         """E[x|z]: what reconstructions and samples show."""
-        return self(out).mean
+        return self.pixelwise(out).mean
 
     def check_data(self, x: torch.Tensor) -> None:
         """Raise ValueError if ``x`` is outside this likelihood's support."""
@@ -84,9 +93,9 @@ class Bernoulli(Likelihood):
 
     binary = True
 
-    def forward(self, out):
+    def pixelwise(self, out):
         (logits,) = self.split(out)
-        return dist.Bernoulli(logits=logits, validate_args=False).to_event(self.event_dim)
+        return dist.Bernoulli(logits=logits, validate_args=False)
 
     def mean(self, out):
         return torch.sigmoid(self.split(out)[0])
@@ -130,12 +139,12 @@ class Gaussian(Likelihood):
             return self.log_sigma.exp()
         return self.fixed_sigma
 
-    def forward(self, out):
+    def pixelwise(self, out):
         loc = self.split(out)[0]
         scale = self.scale(out)
         if scale.dim() == 0:
             scale = scale.expand(loc.shape)
-        return dist.Normal(loc, scale).to_event(self.event_dim)
+        return dist.Normal(loc, scale)
 
     def mean(self, out):
         return self.split(out)[0]
@@ -151,9 +160,9 @@ class ContinuousBernoulli(Likelihood):
 
     unit_interval = True
 
-    def forward(self, out):
+    def pixelwise(self, out):
         (logits,) = self.split(out)
-        return dist.ContinuousBernoulli(logits=logits, validate_args=False).to_event(self.event_dim)
+        return dist.ContinuousBernoulli(logits=logits, validate_args=False)
 
 
 class Laplace(Likelihood):
@@ -161,9 +170,9 @@ class Laplace(Likelihood):
 
     num_params = 2
 
-    def forward(self, out):
+    def pixelwise(self, out):
         loc, raw = self.split(out)
-        return dist.Laplace(loc, F.softplus(raw) + _MIN_SCALE).to_event(self.event_dim)
+        return dist.Laplace(loc, F.softplus(raw) + _MIN_SCALE)
 
     def mean(self, out):
         return self.split(out)[0]

@@ -33,10 +33,10 @@ def save_samples(vae, path, n: int = 64, nrow: int | None = None, mean: bool = T
     return Path(path)
 
 
-def save_reconstructions(vae, x: torch.Tensor, path, n: int = 32) -> Path:
+def save_reconstructions(vae, x: torch.Tensor, path, n: int = 32, c=None) -> Path:
     """Pairs of rows: originals, then their reconstructions E[x|z=mean of q(z|x)]."""
     x = x[:n]
-    r = vae.reconstruct(x)
+    r = vae.reconstruct(x) if c is None else vae.reconstruct(x, c[:n])
     per_row = min(8, n)
     rows = []
     for i in range(0, x.shape[0], per_row):
@@ -68,7 +68,7 @@ def latent_2d(z: torch.Tensor, method: str = "pca", seed: int = 0):
 def plot_latent(vae, x: torch.Tensor, labels, path, method: str = "pca", title: str | None = None) -> Path:
     """The posterior means of ``x`` coloured by label (the "encodings of MNIST" picture)."""
     with torch.no_grad():
-        z = vae.posterior_mean(x)
+        z = vae.posterior_mean(x, labels) if vae.conditional else vae.posterior_mean(x)
     pts, how = latent_2d(z, method)
     fig, ax = plt.subplots(figsize=(6, 5))
     c = None if labels is None else labels.cpu().numpy()
@@ -110,9 +110,17 @@ def draw_run_figures(run, data=None, latent_method: str = "pca") -> list[Path]:
     vae, d = run.vae.cpu().eval(), Path(run.dir)
     torch.manual_seed(0)
     x_test = prepare_eval_data(vae, data.x_test, run.config.binarize)
+    if vae.conditional:  # one row per class
+        k = vae.num_classes
+        labels = torch.arange(k).repeat_interleave(8)
+        x = vae.sample(len(labels), c=labels)
+        save_image(_grid_images(x.cpu()), d / "samples.png", nrow=8, padding=1, pad_value=0.5)
+        samples = d / "samples.png"
+    else:
+        samples = save_samples(vae, d / "samples.png", 64)
     paths = [
-        save_samples(vae, d / "samples.png", 64),
-        save_reconstructions(vae, x_test, d / "reconstructions.png"),
+        samples,
+        save_reconstructions(vae, x_test, d / "reconstructions.png", c=data.y_test if vae.conditional else None),
         plot_latent(vae, x_test[:2000], None if data.y_test is None else data.y_test[:2000], d / "latent.png",
                     latent_method),
     ]

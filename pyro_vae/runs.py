@@ -20,6 +20,7 @@ __all__ = ["Run", "load_run", "atomic_write_bytes", "save_checkpoint", "load_che
            "build_vae"]
 
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 
@@ -76,6 +77,17 @@ def build_vae(config: RunConfig, input_shape):
     """Build the (untrained) VAE a config describes."""
     from .vae import VAE
 
+    if config.conditional:
+        from .conditional import ConditionalVAE
+
+        if not config.num_classes:
+            raise ValueError(f"--conditional needs a labelled dataset; {config.dataset!r} has no classes")
+        return ConditionalVAE(input_shape=input_shape, num_classes=config.num_classes, z_dim=config.z_dim,
+                              prior=config.prior, likelihood=config.likelihood, guide=config.guide,
+                              hidden=config.hidden, activation=config.activation, sigma=config.sigma,
+                              guide_kwargs=config.guide_kwargs)
+    if config.prior != "standard":
+        raise ValueError("--prior learned applies to conditional VAEs (--conditional)")
     return VAE(input_shape=input_shape, z_dim=config.z_dim, likelihood=config.likelihood, guide=config.guide,
                hidden=config.hidden, activation=config.activation, network=config.network,
                sigma=config.sigma, guide_kwargs=config.guide_kwargs)
@@ -99,13 +111,16 @@ class Run:
         return load_dataset(c.dataset, c.data_dir, c.val_fraction, c.seed)
 
 
-def load_run(run_dir, map_location="cpu") -> Run:
-    """Reload a run directory written by ``pyro-vae train`` (or :func:`pyro_vae.training.train_run`)."""
+def load_run(run_dir, map_location="cpu", best: bool = False) -> Run:
+    """Reload a run directory written by ``pyro-vae train`` (or :func:`pyro_vae.training.train_run`).
+
+    ``best=True`` loads the checkpoint with the best validation ELBO (``best.pt``) instead of the last one.
+    """
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).exists() or not (run_dir / CHECKPOINT).exists():
         raise FileNotFoundError(f"{run_dir} is not a pyro-vae run directory (needs {CONFIG} and {CHECKPOINT})")
     config = RunConfig.from_dict(json.loads((run_dir / CONFIG).read_text()))
-    state = load_checkpoint(run_dir / CHECKPOINT, map_location)
+    state = load_checkpoint(run_dir / (BEST if best and (run_dir / BEST).exists() else CHECKPOINT), map_location)
     vae = build_vae(config, tuple(state["input_shape"]))
     vae.load_state_dict(state["model"])
     vae.eval()
@@ -113,20 +128,24 @@ def load_run(run_dir, map_location="cpu") -> Run:
 
 
 def evaluate_run(run: Run, *, num_samples: int = 0, batch_size: int = 256, elbo_particles: int = 10,
-                 device="cpu", progress: bool = False, write: bool = True) -> dict:
+                 max_points: int | None = None, device="cpu", progress: bool = False, write: bool = True) -> dict:
     """Test-set metrics of a run, written to ``RUN_DIR/eval.json``.
 
     ``test_elbo``: the ELBO per test point in nats (``elbo_particles`` reparameterized samples averaged per
     point). With ``num_samples=K > 0`` also ``test_nll`` = -log p(x) estimated by importance sampling with K
     samples per point (positive nats per data point), ``active_units`` (Burda et al., 2015) and the KL per
-    latent dimension.
+    latent dimension. ``max_points`` evaluates only the first test points (the test order is fixed).
     """
     from . import evaluation
-    from .training import prepare_eval_data
+    from .training import prepare_eval_data, resolve_device
+
+    device = resolve_device(device) if isinstance(device, str) else device
 
     data = run.load_data()
     vae = run.vae.to(device).eval()
     x = prepare_eval_data(vae, data.x_test.to(device), run.config.binarize)
+    if max_points:
+        x = x[:max_points]
     result = {"epoch": run.epoch, "num_test": int(x.shape[0])}
     with torch.no_grad():
         result["test_elbo"] = float(evaluation.elbo(vae.model, vae.guide, x, num_particles=elbo_particles,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -21,9 +22,9 @@ import pyro
 
 from .config import RunConfig
 from .data import DataError, binarize, check_data, is_binary, load_dataset, TEST_BINARIZATION_SEED
-from .runs import CHECKPOINT, CONFIG, METRICS, atomic_write_bytes, build_vae, load_checkpoint, save_checkpoint
+from .runs import BEST, CHECKPOINT, CONFIG, METRICS, atomic_write_bytes, build_vae, load_checkpoint, save_checkpoint
 
-__all__ = ["fit", "train_run", "resolve_device", "resolve_objective", "prepare_eval_data"]
+__all__ = ["fit", "train_run", "resolve_device", "resolve_objective", "prepare_eval_data", "DivergenceError"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -71,26 +72,52 @@ def prepare_eval_data(vae, x: torch.Tensor, binarize_mode: str = "auto") -> torc
     return x
 
 
-def _batches(data, batch_size, perm=None):
-    """Minibatches of a tensor (in ``perm`` order) or of a DataLoader (x or (x, y) items)."""
+def _batches(data, batch_size, conditional=False):
+    """Tuples of model arguments: ``(x,)``, or ``(x, c)`` for a conditional VAE, from a tensor, an (x, c) pair of
+    tensors, or a DataLoader of x or (x, y) items."""
     if isinstance(data, torch.Tensor):
-        n = data.shape[0]
-        for i in range(0, n, batch_size):
-            yield data[perm[i:i + batch_size]] if perm is not None else data[i:i + batch_size]
+        data = (data,)
+    if isinstance(data, tuple) and all(isinstance(t, torch.Tensor) for t in data):
+        for i in range(0, data[0].shape[0], batch_size):
+            yield tuple(t[i:i + batch_size] for t in data)
     else:
         for item in data:
-            yield item[0] if isinstance(item, (tuple, list)) else item
+            item = tuple(item) if isinstance(item, (tuple, list)) else (item,)
+            yield item[:2] if conditional else item[:1]
 
 
 @torch.no_grad()
 def mean_loss(objective, vae, data, batch_size: int = 512) -> float:
     """The objective's loss per data point over ``data`` (e.g. -ELBO), accumulated without per-batch syncs."""
     total, n = None, 0
-    for xb in _batches(data, batch_size):
-        loss = objective.differentiable_loss(vae.model, vae.guide, xb)
+    for batch in _batches(data, batch_size, getattr(vae, "conditional", False)):
+        loss = objective.differentiable_loss(vae.model, vae.guide, *batch)
         total = loss if total is None else total + loss
-        n += xb.shape[0]
+        n += batch[0].shape[0]
     return float(total) / n
+
+
+def _split_condition(data, name):
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        raise DataError(f"{name} for a conditional VAE must be a pair (x, c) of data and conditions")
+    return data[0], data[1]
+
+
+def _check_condition(vae, c, n, name):
+    c = torch.as_tensor(c)
+    if c.shape[0] != n:
+        raise DataError(f"the {name} conditions have {c.shape[0]} rows for {n} data points")
+    try:
+        vae.condition(c[:1])
+    except ValueError as e:
+        raise DataError(f"{name} conditions: {e}") from None
+    if vae.num_classes is not None:
+        from .data import check_labels
+
+        check_labels(c, n, vae.num_classes, name=f"{name} labels")
+    else:
+        check_data(c, vae.condition_shape, name=f"{name} conditions")
+    return c
 
 
 def _loader_is_valid(loader, vae):
@@ -102,27 +129,96 @@ def _loader_is_valid(loader, vae):
     check_data(x, vae.input_shape, name="the DataLoader's first batch")
 
 
+class DivergenceError(FloatingPointError):
+    """Training produced a non-finite loss or gradient."""
+
+
+class _ObjectiveLoss(torch.nn.Module):
+    """The objective as a module: forward(x[, c]) = the objective's loss, so DistributedDataParallel can wrap it.
+
+    For a VAE's own model and guide it uses the trace-free path of :mod:`pyro_vae.direct` (the same loss and
+    gradients as Pyro's traced computation, without the tracing overhead) unless ``direct=False``.
+    """
+
+    def __init__(self, vae, objective, direct: bool = True):
+        super().__init__()
+        self.vae = vae
+        self.objective = objective
+        from .direct import direct_loss_fn
+
+        self.direct = direct_loss_fn(objective, vae) if direct else None
+
+    def forward(self, *args):
+        if self.direct is not None:
+            return self.direct(*args)
+        return self.objective.differentiable_loss(self.vae.model, self.vae.guide, *args)
+
+
+def train_step(loss_fn, optimizer, params, batch, guard: str = "none"):
+    """One SVI step: the objective's loss on a minibatch, its gradient, an Adam update.
+
+    The gradient is that of the loss per data point. ``guard``: ``"none"``; ``"check"`` raises
+    :class:`DivergenceError` on a non-finite loss (one host sync; free on the CPU); ``"skip"`` returns None
+    without updating when the loss or a gradient is non-finite. Returns the detached loss.
+    """
+    loss = loss_fn(*batch)
+    optimizer.zero_grad(set_to_none=True)
+    (loss / batch[0].shape[0]).backward()
+    if guard == "skip" and not (bool(torch.isfinite(loss)) and _grads_finite(params)):
+        return None
+    if guard == "check" and not bool(torch.isfinite(loss)):
+        raise DivergenceError("non-finite loss")
+    optimizer.step()
+    return loss.detach()
+
+
+def _grads_finite(params) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+
+
 def fit(vae, train, val=None, *, objective="elbo", num_particles: int = 1, estimator: str = "iwae",
         epochs: int = 10, batch_size: int = 128, lr: float = 1e-3, beta: float = 1.0, kl_warmup: int = 0,
         binarize_mode: str = "auto", seed: int = 0, device="cpu", progress: bool = True, on_epoch=None,
+        on_step_checkpoint=None, checkpoint_steps: int = 0, on_nan: str = "stop",
         resume_state: dict | None = None) -> list[dict]:
     """Train ``vae`` by SVI on ``train`` (tensor, numpy array or DataLoader); returns per-epoch metrics.
 
     Per epoch it records ``train_loss`` (the objective's loss per data point; for the ELBO objectives this is
     -ELBO in nats), ``val_elbo`` (the ELBO per validation point, one reparameterized sample) and wall time.
     Bernoulli likelihoods on grayscale data get a fresh binarization every epoch (dynamic binarization) and a
-    validation set binarized once with a fixed seed. ``on_epoch(metrics, state)`` receives the checkpoint
-    state after each epoch; ``resume_state`` (such a state) continues a run.
+    validation set binarized once with a fixed seed.
+
+    ``on_epoch(metrics, state)`` receives the checkpoint state after each epoch, ``on_step_checkpoint(state)``
+    every ``checkpoint_steps`` optimizer steps; ``resume_state`` (either kind) continues a run exactly where
+    it stopped, including the RNG streams, so the result equals an uninterrupted run.
+    ``on_nan="stop"`` raises :class:`DivergenceError` at the first non-finite loss (before any update is saved);
+    ``"skip"`` drops steps with a non-finite loss or gradient and counts them in ``skipped_steps``.
+
+    Under ``torchrun`` the gradients are averaged across processes by DistributedDataParallel; each process
+    takes ``batch_size`` points of every global minibatch of ``batch_size * world_size``.
     """
+    from .distributed import all_reduce_sum, setup, shard
+
     device = resolve_device(device) if isinstance(device, str) else device
+    w = setup(device)
     objective = resolve_objective(objective, num_particles=num_particles, estimator=estimator, beta=beta)
     if kl_warmup and not hasattr(objective, "beta"):
         raise ValueError("kl_warmup needs an objective with a KL weight beta (e.g. objective='analytic')")
     if batch_size < 1 or epochs < 0 or not lr > 0:
         raise ValueError(f"need batch_size >= 1, epochs >= 0 and lr > 0 (got {batch_size}, {epochs}, {lr})")
+    if on_nan not in ("stop", "skip"):
+        raise ValueError(f"on_nan must be 'stop' or 'skip', got {on_nan!r}")
+    conditional = getattr(vae, "conditional", False)
     is_tensor = not isinstance(train, torch.utils.data.DataLoader)
+    train_c = val_c = None
+    if conditional and is_tensor:
+        train, train_c = _split_condition(train, "training data")
+        val, val_c = _split_condition(val, "validation data") if val is not None else (None, None)
     if is_tensor:
         train = check_data(train, vae.input_shape, name="training data").to(device)
+        if train_c is not None:
+            train_c = _check_condition(vae, train_c, train.shape[0], "training").to(device)
         dynamic = _needs_binarization(vae, train, binarize_mode)
         if not dynamic:
             vae.likelihood.check_data(train)
@@ -132,65 +228,110 @@ def fit(vae, train, val=None, *, objective="elbo", num_particles: int = 1, estim
     if val is not None and not isinstance(val, torch.utils.data.DataLoader):
         val = prepare_eval_data(vae, check_data(val, vae.input_shape, name="validation data").to(device),
                                 binarize_mode)
-        if val.shape[0] == 0:
-            val = None
+        if val_c is not None:
+            val = (val, _check_condition(vae, val_c, val.shape[0], "validation").to(device))
     vae.to(device)
-    pyro.set_rng_seed(seed)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=lr, foreach=True)
-    start = 0
+    pyro.set_rng_seed(seed + w.rank)  # each process draws its own noise
+    generator = torch.Generator(device=device).manual_seed(seed)  # the same data order on every process
+    params = list(vae.parameters())
+    optimizer = torch.optim.Adam(params, lr=lr, foreach=True)
+    loss_fn = _ObjectiveLoss(vae, objective)
+    if w.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        loss_fn = DistributedDataParallel(loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
+    start, skip, global_step, partial = 0, 0, 0, (0.0, 0)
     if resume_state is not None:
         vae.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
-        torch.set_rng_state(resume_state["rng"]["torch"])
-        generator.set_state(resume_state["rng"]["generator"].to(generator.get_state().device))
-        if device.type == "cuda" and "cuda" in resume_state["rng"]:
-            torch.cuda.set_rng_state(resume_state["rng"]["cuda"], device)
         start = int(resume_state["epoch"])
+        skip = int(resume_state.get("step_in_epoch", 0))
+        global_step = int(resume_state.get("global_step", 0))
+        partial = (float(resume_state.get("partial_loss", 0.0)), int(resume_state.get("partial_count", 0)))
+        generator.set_state(resume_state["rng"]["epoch_generator" if skip else "generator"])
     val_objective = pyro.infer.Trace_ELBO(max_plate_nesting=1)
     history = []
-    bar = _progress(range(start, epochs), progress, start, epochs)
+    bar = _progress(range(start, epochs), progress and w.rank == 0, start, epochs)
+
+    def state(epoch, step_in_epoch=0, epoch_generator=None, total=None, n=0):
+        rng = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+        if epoch_generator is not None:
+            rng["epoch_generator"] = epoch_generator
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        return {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+                "partial_loss": 0.0 if total is None else float(total), "partial_count": n,
+                "model": vae.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
+                "input_shape": list(vae.input_shape)}
+
     for epoch in bar:
         if kl_warmup:
             objective.beta = beta * min(1.0, (epoch + 1) / kl_warmup)
         t0 = time.perf_counter()
         vae.train()
+        epoch_generator = generator.get_state()
         with pyro.validation_enabled(False):
-            total, n = torch.zeros((), device=device), 0
+            total = torch.full((), partial[0] if skip else 0.0, device=device)
+            n, skipped = (partial[1] if skip else 0), 0
             if is_tensor:
                 xs = binarize(train, generator) if dynamic else train
                 perm = torch.randperm(xs.shape[0], generator=generator, device=device)
-                batches = _batches(xs, batch_size, perm)
+                arrays = (xs,) if train_c is None else (xs, train_c)
+                batches = (tuple(a[shard(idx, w)] for a in arrays) for idx in perm.split(batch_size * w.size))
             else:
-                batches = (xb.to(device) for xb in _batches(train, batch_size))
-            for xb in batches:
-                loss = objective.differentiable_loss(vae.model, vae.guide, xb)
-                optimizer.zero_grad(set_to_none=True)
-                (loss / xb.shape[0]).backward()
-                optimizer.step()
-                total += loss.detach()
-                n += xb.shape[0]
+                batches = (tuple(t.to(device) for t in b) for b in _batches(train, batch_size, conditional))
+            if skip:  # resuming mid-epoch: the RNG streams continue from the checkpoint
+                torch.set_rng_state(resume_state["rng"]["torch"])
+                if device.type == "cuda" and "cuda" in resume_state["rng"]:
+                    torch.cuda.set_rng_state(resume_state["rng"]["cuda"], device)
+            elif resume_state is not None and epoch == start:
+                torch.set_rng_state(resume_state["rng"]["torch"])
+                if device.type == "cuda" and "cuda" in resume_state["rng"]:
+                    torch.cuda.set_rng_state(resume_state["rng"]["cuda"], device)
+            guard = on_nan if on_nan == "skip" else ("check" if device.type == "cpu" else "none")
+            for step_in_epoch, batch in enumerate(batches):
+                if step_in_epoch < skip:
+                    continue
+                try:
+                    loss = train_step(loss_fn, optimizer, params, batch, guard)
+                except DivergenceError as e:
+                    raise DivergenceError(f"{e} at step {global_step + 1} (epoch {epoch + 1})") from None
+                if loss is None:
+                    skipped += 1
+                    continue
+                global_step += 1
+                total += loss
+                n += batch[0].shape[0]
+                if checkpoint_steps and on_step_checkpoint is not None and global_step % checkpoint_steps == 0:
+                    if _all_finite(total, params):
+                        on_step_checkpoint(state(epoch, step_in_epoch + 1, epoch_generator, total, n))
+            skip = 0
+            if not _all_finite(total, params):
+                raise DivergenceError(f"non-finite loss or parameters in epoch {epoch + 1} "
+                                      f"(by step {global_step})")
+            totals = all_reduce_sum(torch.stack([total, torch.tensor(float(n), device=device)]), w)
             vae.eval()
-            metrics = {"epoch": epoch + 1, "train_loss": total.item() / n}
-            if val is not None:
+            metrics = {"epoch": epoch + 1, "train_loss": (totals[0] / totals[1]).item(), "step": global_step}
+            if val is not None and w.rank == 0:
                 metrics["val_elbo"] = -mean_loss(val_objective, vae, val)
         metrics["seconds"] = time.perf_counter() - t0
         if hasattr(objective, "beta"):
             metrics["beta"] = float(objective.beta)
-        if not all(math.isfinite(v) for v in metrics.values()):
-            raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}: {metrics}")
+        if skipped:
+            metrics["skipped_steps"] = skipped
         history.append(metrics)
-        if progress:
+        if progress and w.rank == 0:
             bar.set_postfix(loss=f"{metrics['train_loss']:.2f}",
                             **({"val_elbo": f"{metrics['val_elbo']:.2f}"} if "val_elbo" in metrics else {}))
-        if on_epoch is not None:
-            rng = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
-            if device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(device)
-            on_epoch(metrics, {"epoch": epoch + 1, "model": vae.state_dict(),
-                               "optimizer": optimizer.state_dict(), "rng": rng,
-                               "input_shape": list(vae.input_shape)})
+        if on_epoch is not None and w.rank == 0:
+            on_epoch(metrics, state(epoch + 1))
     return history
+
+
+def _all_finite(total: torch.Tensor, params) -> bool:
+    """One host sync: the accumulated loss and every parameter are finite."""
+    checks = [torch.isfinite(total)] + [torch.isfinite(p).all() for p in params]
+    return bool(torch.stack(checks).all())
 
 
 def _progress(it, enabled, start, total):
@@ -216,6 +357,10 @@ def _validate_config(config: RunConfig):
     if any(h < 1 for h in config.hidden):
         raise ValueError(f"--hidden sizes must be positive, got {list(config.hidden)}")
     data = load_dataset(config.dataset, config.data_dir, config.val_fraction, config.seed, config.download)
+    if config.conditional:
+        config.num_classes = data.num_classes
+        if config.network != "mlp":
+            raise ValueError("--conditional uses MLP networks (--network mlp)")
     vae = build_vae(config, data.input_shape)
     objective = resolve_objective(config.objective, num_particles=config.num_particles,
                                   estimator=config.estimator, beta=config.beta)
@@ -243,55 +388,83 @@ def train_run(config: RunConfig, out=None, *, resume: bool = False, progress: bo
 
     Bad input (data, options, an occupied output folder) raises before anything is written. With ``resume``,
     ``out`` is an existing run whose config and last checkpoint are loaded and training continues from there.
+    Under torchrun every process trains; only rank 0 writes.
     """
+    from .distributed import setup, world
+
     resume_state = None
     if resume:
         run_dir = Path(out)
         if not (run_dir / CONFIG).exists():
-            raise ValueError(f"cannot resume: {run_dir} has no {CONFIG}")
+            raise ValueError(f"cannot resume: {run_dir} is not a run directory (no {CONFIG})")
         saved = RunConfig.from_dict(json.loads((run_dir / CONFIG).read_text()))
-        saved.epochs = config.epochs if config.epochs != RunConfig.epochs else saved.epochs
+        if config.epochs != RunConfig.epochs:
+            saved.epochs = config.epochs  # --epochs may extend a finished run
         config = saved
         if (run_dir / CHECKPOINT).exists():
             resume_state = load_checkpoint(run_dir / CHECKPOINT)
-    else:
+    elif int(os.environ.get("RANK", "0")) == 0:
         run_dir = _new_run_dir(out)
+    else:  # under torchrun only rank 0 checks and writes the folder
+        run_dir = Path(out) if out is not None else Path("runs") / "rank-nonzero-unused"
     data, vae, objective, device = _validate_config(config)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"cannot write to output directory {run_dir}: {e.strerror or e}") from None
-    created = not resume
-    try:
+    main = setup(device).rank == 0
+    created = False
+    if main:
+        try:
+            created = not run_dir.exists()
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            if created:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise ValueError(f"cannot write to output directory {run_dir}: {e.strerror or e}") from None
         if not resume:
             atomic_write_bytes(run_dir / CONFIG, config.to_json().encode())
             (run_dir / METRICS).write_text("")
         elif resume_state is not None:
             _truncate_metrics(run_dir, int(resume_state["epoch"]))
+    best = [max((m.get("val_elbo", -math.inf) for m in _read_metrics(run_dir)), default=-math.inf)]
 
-        def on_epoch(metrics, state):
-            with open(run_dir / METRICS, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if metrics["epoch"] % config.checkpoint_every == 0 or metrics["epoch"] == config.epochs:
-                save_checkpoint(run_dir / CHECKPOINT, state)
+    def on_epoch(metrics, state):
+        with open(run_dir / METRICS, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if metrics["epoch"] % config.checkpoint_every == 0 or metrics["epoch"] == config.epochs:
+            save_checkpoint(run_dir / CHECKPOINT, state)
+        if metrics.get("val_elbo", -math.inf) > best[0]:
+            best[0] = metrics["val_elbo"]
+            save_checkpoint(run_dir / BEST, state)
 
-        fit(vae, data.x_train, data.x_val, objective=objective, epochs=config.epochs,
+    try:
+        train, val = ((data.x_train, data.y_train), (data.x_val, data.y_val)) if config.conditional else \
+            (data.x_train, data.x_val)
+        fit(vae, train, val, objective=objective, epochs=config.epochs,
             batch_size=config.batch_size, lr=config.lr, beta=config.beta, kl_warmup=config.kl_warmup,
             binarize_mode=config.binarize, seed=config.seed, device=device, progress=progress,
-            on_epoch=on_epoch, resume_state=resume_state)
+            on_epoch=on_epoch, on_step_checkpoint=lambda st: save_checkpoint(run_dir / CHECKPOINT, st),
+            checkpoint_steps=config.checkpoint_steps, on_nan=config.on_nan, resume_state=resume_state)
+    except DivergenceError as e:
+        last = run_dir / CHECKPOINT
+        where = f"last good checkpoint: {last}" if last.exists() else "no checkpoint was written yet"
+        raise DivergenceError(f"{e}; training stopped, {where} (resume with --resume {run_dir})") from None
     except (ValueError, DataError):
-        if created:
+        if created and main:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    if figures:
+    if figures and world().rank == 0:
         from .plots import draw_run_figures
         from .runs import load_run
 
         draw_run_figures(load_run(run_dir), data)
     return run_dir
+
+
+def _read_metrics(run_dir):
+    from .runs import read_metrics
+
+    return read_metrics(run_dir) if Path(run_dir).exists() else []
 
 
 def _truncate_metrics(run_dir: Path, epoch: int) -> None:

@@ -64,6 +64,9 @@ class VAE(nn.Module):
         guide_kwargs: passed to the posterior family (e.g. ``rank=``, ``flow_steps=``).
     """
 
+    #: whether model/guide take a condition c besides x (see :class:`~pyro_vae.conditional.ConditionalVAE`)
+    conditional = False
+
     def __init__(self, input_shape=(1, 28, 28), z_dim: int = 20, likelihood="bernoulli", guide="diagonal",
                  hidden=(400,), activation="relu", network="mlp", encoder: nn.Module | None = None,
                  decoder: nn.Module | None = None, sigma=None, guide_kwargs: dict | None = None):
