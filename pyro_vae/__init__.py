@@ -6,18 +6,23 @@ The decoder is a Pyro *model*, the encoder a Pyro *guide*, training is stochasti
     svi = pyro.infer.SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO())
     loss = svi.step(x)
 """
+from . import evaluation, objectives  # noqa: F401  (importing objectives registers the KL pairs)
 from .config import RunConfig
 from .data import DataError, Dataset, load_dataset
 from .guides import make_posterior
 from .likelihoods import make_likelihood
 from .runs import Run, evaluate_run, load_run
 from .training import fit, train_run
+from .conditional import ConditionalVAE
 from .vae import VAE
 
 __version__ = "0.1.0"
 
 __all__ = [
     "VAE",
+    "ConditionalVAE",
+    "objectives",
+    "evaluation",
     "RunConfig",
     "Run",
     "load_run",

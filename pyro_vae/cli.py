@@ -21,6 +21,13 @@ class UsageError(Exception):
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: ``pyro-vae train: error: ... (see --help)``, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _positive_int(s):
     try:
         v = int(s)
@@ -200,10 +207,53 @@ def _cmd_plot(args):
         print(path)
 
 
+def _add_gradient_variance(sub):
+    p = sub.add_parser("gradient-variance",
+                       help="score-function vs reparameterization gradient variance (toy study or a run)")
+    p.add_argument("run_dir", nargs="?", help="a run whose encoder gradients to study")
+    p.add_argument("--toy", action="store_true", help="the toy problem min_phi E_{x~N(phi,1)}[x^2]")
+    p.add_argument("--phi", type=float, default=1.0)
+    p.add_argument("--repetitions", type=_positive_int, default=None,
+                   help="gradient draws per estimator (default 1000 toy, 100 VAE)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="VAE study: the fixed minibatch size")
+    p.add_argument("--estimators", default=None, help="comma-separated, e.g. reparam,score,dreg-5")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR, or gradient-variance/ for --toy)")
+    p.set_defaults(func=_cmd_gradient_variance)
+
+
+def _cmd_gradient_variance(args):
+    from . import estimators as est
+
+    if args.toy == bool(args.run_dir):
+        raise UsageError("give either --toy or a RUN_DIR")
+    if args.toy:
+        rows = est.toy_gradient_study(phi=args.phi, repetitions=args.repetitions or 1000)
+        paths = est.write_toy_study(Path(args.out or "gradient-variance"), rows)
+    else:
+        import torch
+
+        from .runs import load_run
+        from .training import prepare_eval_data
+
+        run = load_run(args.run_dir)
+        if run.vae.conditional:
+            raise UsageError("the gradient-variance study takes unconditional runs")
+        data = run.load_data()
+        x = prepare_eval_data(run.vae, data.x_test, run.config.binarize)[: args.batch_size]
+        names = args.estimators.split(",") if args.estimators else list(est.DEFAULT_VAE_ESTIMATORS)
+        torch.manual_seed(0)
+        rows = est.vae_gradient_study(run.vae.model, run.vae.guide, list(run.vae.encoder.parameters()), x,
+                                      estimators=names, repetitions=args.repetitions or 100)
+        paths = est.write_vae_study(Path(args.out or args.run_dir), rows)
+    print(Path(paths["md"]).read_text())
+    for p in paths.values():
+        print(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyro-vae", description="Variational autoencoders the Pyro way.")
+    parser = _Parser(prog="pyro-vae", description="Variational autoencoders the Pyro way.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train, _add_evaluate, _add_sample, _add_plot):
+    for add in (_add_train, _add_evaluate, _add_sample, _add_plot, _add_gradient_variance):
         add(sub)
     return parser
 

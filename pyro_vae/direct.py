@@ -12,6 +12,8 @@ Objectives it does not know, and models or guides other than a VAE's own, go thr
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 import pyro
@@ -63,6 +65,76 @@ def _trace_elbo(objective, vae):
     return loss
 
 
+def _kl(q, prior):
+    """Closed-form KL(q || p(z)) per data point, or None when no closed form is registered."""
+    from pyro.distributions.kl import kl_divergence
+
+    try:
+        return kl_divergence(q, prior)
+    except NotImplementedError:
+        return None
+
+
+def _analytic_kl(objective, vae):
+    """AnalyticKLELBO: -[(1/K) sum_k sum_n log p(x_n|z_kn) - beta sum_n KL(q(z|x_n) || p(z))]."""
+    k = particles(objective)
+    if k is None:
+        return None
+
+    def loss(x, c=None):
+        x, _, q, z, out, prior = latent(vae, x, c, k)
+        log_px = log_likelihood(vae, out, x, c).sum() / k
+        kl = _kl(q, prior)
+        if kl is None:  # no closed form: the Monte Carlo KL, as the traced objective falls back to
+            kl = (q.log_prob(z) - prior.log_prob(z)).sum() / k
+        else:
+            kl = kl.sum()
+        return -(log_px - objective.beta * kl)
+
+    return loss
+
+
+def _iwae(objective, vae):
+    """IWAEELBO: the bound -sum_n [logsumexp_k log w_kn - log K], with the chosen gradient estimator.
+
+    * ``iwae``: the gradient of the bound itself (Burda et al., 2015).
+    * ``stl``: surrogate sum_k sg(w~_k) log w'_k, where log w' scores z under q with stop-gradiented
+      parameters: only the path derivative through z reaches phi (Roeder et al., 2017).
+    * ``dreg``: the same surrogate, with the gradient reaching z multiplied by sg(w~_k) by a hook, so phi gets
+      sum_k w~_k^2 d log w'_k/dz_k dz_k/dphi while theta keeps sum_k w~_k grad log w_k (Tucker et al., 2018).
+
+    The returned value is always the bound: surrogate - sg(surrogate) is added, which is zero.
+    """
+    k = particles(objective)
+    estimator = getattr(objective, "estimator", "iwae")
+    if k is None or estimator not in ("iwae", "stl", "dreg"):
+        return None
+    if estimator != "iwae" and any(p.requires_grad for p in vae.posterior.parameters()):
+        return None  # the family has weights of its own (a flow): stop-gradients need the traced path
+    log_k = math.log(k)
+
+    def loss(x, c=None):
+        x, params, q, z, out, prior = latent(vae, x, c, k)
+        log_px_z = log_likelihood(vae, out, x, c) + prior.log_prob(z)
+        if k == 1:
+            log_px_z = log_px_z.unsqueeze(0)
+        if estimator == "iwae":
+            log_w = log_px_z - (q.log_prob(z) if k > 1 else q.log_prob(z).unsqueeze(0))
+            return -(torch.logsumexp(log_w, 0) - log_k).sum()
+        q_stop = vae.posterior(params.detach())
+        log_q_stop = q_stop.log_prob(z) if k > 1 else q_stop.log_prob(z).unsqueeze(0)
+        log_w = log_px_z - log_q_stop  # equal in value to log w; phi reaches it only through z
+        bound = (torch.logsumexp(log_w, 0) - log_k).sum()
+        w_tilde = torch.softmax(log_w.detach(), 0)
+        if estimator == "dreg" and z.requires_grad:
+            scale = w_tilde if k > 1 else w_tilde[0]
+            z.register_hook(lambda g: g * scale.unsqueeze(-1))
+        surrogate = (w_tilde * log_w).sum()
+        return -(bound.detach() + surrogate - surrogate.detach())
+
+    return loss
+
+
 def direct_loss_fn(objective, vae, model=None, guide=None):
     """A function ``(x[, c]) -> loss`` equal to ``objective.differentiable_loss(vae.model, vae.guide, x[, c])``,
     or None when the direct path does not apply (another objective, or a user's own model/guide)."""
@@ -72,7 +144,10 @@ def direct_loss_fn(objective, vae, model=None, guide=None):
     own = {(VAE.model, VAE.guide), (ConditionalVAE.model, ConditionalVAE.guide)}
     if not isinstance(vae, VAE) or (type(vae).model, type(vae).guide) not in own:
         return None
-    for build in _BUILDERS.get(type(objective), ()):
+    builders = _BUILDERS.get(type(objective), ())
+    if not builders and type(objective).__name__ in _BY_NAME and type(objective).__module__.startswith("pyro_vae"):
+        builders = (_BY_NAME[type(objective).__name__],)
+    for build in builders:
         fn = build(objective, vae)
         if fn is not None:
             return fn
@@ -80,6 +155,7 @@ def direct_loss_fn(objective, vae, model=None, guide=None):
 
 
 _BUILDERS = {pyro.infer.Trace_ELBO: (_trace_elbo,)}
+_BY_NAME = {"AnalyticKLELBO": _analytic_kl, "IWAEELBO": _iwae}
 
 
 def register(objective_type, builder) -> None:

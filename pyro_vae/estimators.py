@@ -41,7 +41,6 @@ import numpy as np
 import torch
 
 import pyro
-import pyro.poutine as poutine
 from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.poutine.messenger import Messenger
 
@@ -106,8 +105,11 @@ def _reparam_poly(phi: float) -> list[float]:
 def score_function_variance(phi: float) -> float:
     r"""Variance of ONE score-function sample :math:`x^2(x-\phi)`, :math:`x\sim\mathcal N(\phi,1)`.
 
-    :math:`\operatorname{Var} = \phi^4 + 14\phi^2 + 15` (derivation in the module docstring); divide by N
-    for the N-sample mean.
+    With :math:`x = \phi + \epsilon`, :math:`g = \phi^2\epsilon + 2\phi\epsilon^2 + \epsilon^3`,
+    :math:`\mathbb E g = 2\phi`,
+    :math:`\mathbb E g^2 = \phi^4 \cdot 1 + 4\phi^2 \cdot 3 + 15 + 2\phi^2 \cdot 3 = \phi^4 + 18\phi^2 + 15`
+    (odd moments vanish; :math:`\mathbb E\epsilon^{2,4,6} = 1, 3, 15`), so
+    :math:`\operatorname{Var} g = \phi^4 + 14\phi^2 + 15`. Divide by N for the N-sample mean.
     """
     phi = float(phi)
     return phi ** 4 + 14.0 * phi ** 2 + 15.0
@@ -236,7 +238,7 @@ def _markdown_table(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
 
 def write_toy_study(out_dir, rows: Sequence[Mapping]) -> dict[str, Path]:
     """Write ``gradient_variance_toy.{md,json,png}`` into ``out_dir`` (created); returns the paths."""
-    from ._plot_estimators import plot_gradient_variance
+    from .plots import plot_gradient_variance
 
     if not rows:
         raise ValueError("no rows to write")
@@ -348,8 +350,9 @@ def score_function(fn: Callable | None = None, sites=None, baseline=None):
 #
 # An estimator is a callable ``est(model, guide, x)``. It either returns a differentiable loss tensor
 # (the gradient estimate is its gradient) or returns None after having called ``backward`` itself, in
-# which case the estimate is read from ``.grad``. Optional attribute ``warmup_steps``: calls to make
-# (and discard) before measuring, for estimators with state such as a running-average baseline.
+# which case the estimate is read from ``.grad``. Optional attributes, for estimators with state such as a
+# running-average baseline: ``warmup_steps``, calls to make (and discard) before measuring, and ``reset()``,
+# called first.
 
 DEFAULT_VAE_ESTIMATORS = ("reparam", "score", "score+baseline", "analytic",
                           "iwae-1", "iwae-5", "iwae-50", "dreg-1", "dreg-5", "dreg-50",
@@ -370,7 +373,14 @@ def _score_estimator(baseline: bool, baseline_beta: float = 0.9, warmup_steps: i
         elbo.loss_and_grads(model, score_function(guide, baseline=options), x)
         return None
 
+    def reset():
+        """Forget running-average baselines (Pyro keeps them in the param store, shaped like the batch)."""
+        store = pyro.get_param_store()
+        for key in [k for k in store.keys() if k.startswith("__baseline_avg_downstream_cost_")]:
+            del store[key]
+
     est.warmup_steps = warmup_steps if baseline else 0
+    est.reset = reset
     return est
 
 
@@ -455,8 +465,9 @@ def gradient_samples(estimator, model, guide, encoder_params, data_batch, repeti
                      seed: int = 0, warmup: int | None = None) -> torch.Tensor:
     """``repetitions`` independent gradient estimates for ``encoder_params``, as a (R, D) float64 tensor.
 
-    Parameters are never updated. ``warmup`` calls (default: ``estimator.warmup_steps`` or 0) are made and
-    discarded first, so stateful baselines are measured in their steady state.
+    Parameters are never updated. ``estimator.reset()`` is called if present, then ``warmup`` calls (default:
+    ``estimator.warmup_steps`` or 0) are made and discarded, so stateful baselines are measured in their
+    steady state.
     """
     est = make_estimator(estimator) if isinstance(estimator, str) else estimator
     params = list(encoder_params)
@@ -464,6 +475,8 @@ def gradient_samples(estimator, model, guide, encoder_params, data_batch, repeti
         raise ValueError("encoder_params is empty")
     if repetitions < 2:
         raise ValueError(f"repetitions must be >= 2, got {repetitions}")
+    if callable(getattr(est, "reset", None)):
+        est.reset()
     pyro.set_rng_seed(seed)
     for _ in range(getattr(est, "warmup_steps", 0) if warmup is None else warmup):
         _one_gradient(est, model, guide, data_batch, params)
@@ -523,7 +536,7 @@ _VAE_COLUMNS = ("estimator", "repetitions", "num_coordinates", "mean_snr", "medi
 
 def write_vae_study(out_dir, rows: Sequence[Mapping]) -> dict[str, Path]:
     """Write ``gradient_variance_vae.{md,json,png}`` into ``out_dir`` (created); returns the paths."""
-    from ._plot_estimators import plot_vae_gradient_study
+    from .plots import plot_vae_gradient_study
 
     if not rows:
         raise ValueError("no rows to write")

@@ -7,6 +7,7 @@ an interrupted write leaves the previous file intact.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -147,13 +148,19 @@ def evaluate_run(run: Run, *, num_samples: int = 0, batch_size: int = 256, elbo_
     if max_points:
         x = x[:max_points]
     result = {"epoch": run.epoch, "num_test": int(x.shape[0])}
+    if vae.conditional:  # model(x, c) with the label as condition; encoders see the whole test set at once
+        y = data.y_test.to(device)[: x.shape[0]]
+        data_args, encoder, enc_batch = (x, y), (lambda xb: vae.encode(xb, y)), None
+    else:
+        data_args, encoder, enc_batch = x, vae, batch_size
     with torch.no_grad():
-        result["test_elbo"] = float(evaluation.elbo(vae.model, vae.guide, x, num_particles=elbo_particles,
+        result["test_elbo"] = float(evaluation.elbo(vae.model, vae.guide, data_args, num_particles=elbo_particles,
                                                     batch_size=batch_size).mean())
-        result["active_units"] = int(evaluation.active_units(vae, x))
-        result["kl_per_dimension"] = [float(v) for v in evaluation.kl_per_dimension(vae, x)]
+        result["active_units"] = int(evaluation.active_units(encoder, x, batch_size=enc_batch))
+        kl = evaluation.kl_per_dimension(encoder, x, batch_size=enc_batch)
+        result["kl_per_dimension"] = [float(v) if math.isfinite(v) else None for v in kl.tolist()]
     if num_samples:
-        ll = evaluation.log_likelihood(vae.model, vae.guide, x, num_samples=num_samples, batch_size=None,
+        ll = evaluation.log_likelihood(vae.model, vae.guide, data_args, num_samples=num_samples, batch_size=None,
                                        progress=progress)
         result["test_nll"] = float(-ll.mean())
         result["test_nll_stderr"] = float(ll.std() / len(ll) ** 0.5)

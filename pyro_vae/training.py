@@ -361,6 +361,7 @@ def _validate_config(config: RunConfig):
         config.num_classes = data.num_classes
         if config.network != "mlp":
             raise ValueError("--conditional uses MLP networks (--network mlp)")
+    pyro.set_rng_seed(config.seed)  # the initial weights depend on the seed only: runs are reproducible
     vae = build_vae(config, data.input_shape)
     objective = resolve_objective(config.objective, num_particles=config.num_particles,
                                   estimator=config.estimator, beta=config.beta)

@@ -79,7 +79,7 @@ def test_bad_input_exits_2_with_a_message_and_writes_nothing(tmp_path, capsys, a
     assert code == 2
     err = capsys.readouterr().err
     assert message in err
-    assert len(err.strip().splitlines()) <= 3  # a usage line and the error, no traceback
+    assert len(err.strip().splitlines()) == 1  # one line naming the problem, no usage dump, no traceback
     assert not out.exists()
 
 

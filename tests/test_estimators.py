@@ -305,3 +305,12 @@ def test_objective_names_are_mapped(monkeypatch):
     for name in ["analytic", "iwae-5", "dreg-50", "stl-1"]:
         make_estimator(name)
     assert calls == [("analytic", 1, None), ("iwae", 5, "iwae"), ("iwae", 50, "dreg"), ("iwae", 1, "stl")]
+
+
+def test_baseline_state_is_reset_between_batches():
+    vae = TinyVAE()
+    params = list(vae.encoder.parameters())
+    est = make_estimator("score+baseline")
+    for n in (4, 6):  # a stale per-data-point baseline of the wrong shape would make Pyro raise
+        g = gradient_samples(est, vae.model, vae.guide, params, _batch(n), repetitions=3, warmup=2)
+        assert g.shape == (3, sum(p.numel() for p in params)) and torch.isfinite(g).all()

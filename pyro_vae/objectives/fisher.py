@@ -5,7 +5,8 @@ For a data point x and z ~ q(z|x) drawn by reparameterization, this module imple
 
 .. math::
    \mathcal L(x) = \underbrace{-\log p(x\mid z)}_{\text{reconstruction}}
-     + \lambda\,\underbrace{\tfrac12\big\|\nabla_z\log q(z\mid x) - \nabla_z\log p(z) - \nabla_z\log p(x\mid z)\big\|^2}_{\text{Fisher term}}
+     + \lambda\,\underbrace{\tfrac12\big\|\nabla_z\log q(z\mid x) - \nabla_z\log p(z)
+                            - \nabla_z\log p(x\mid z)\big\|^2}_{\text{Fisher term}}
      + \gamma\,\underbrace{\tfrac12\big\|\nabla_z\log p(x\mid z)\big\|^2}_{\text{decoder-score penalty (optional)}}
 
 averaged over particles and summed over the data (with Pyro's plate/subsample scale). Since

@@ -1,0 +1,309 @@
+r"""Evaluation of a trained VAE: per-data-point ELBO, importance-sampled log-likelihood, latent usage.
+
+``model`` and ``guide`` are Pyro callables taking a batch x as their only positional argument (e.g.
+``vae.model``, ``vae.guide``) with every sample site inside one batch plate. ``data`` is a tensor
+``(N, ...)``, or an iterable of batches (a :class:`~torch.utils.data.DataLoader`) yielding ``x`` or
+``(x, y, ...)`` (labels y are dropped), or -- for conditional models ``model(x, c)`` -- a tuple ``(x, c)``
+of tensors with the same first dimension, split into batches together and passed as positional
+arguments. Everything here runs under :func:`torch.no_grad`.
+
+* :func:`elbo`: ELBO(x_n) = E_q[log p(x_n, z) - log q(z|x_n)], one estimate per point.
+* :func:`log_likelihood`: log p(x_n) ~ log (1/K) sum_k p(x_n, z_k)/q(z_k|x_n), K = 5000 by default
+  (Burda et al. 2016, sec. 5), in memory-bounded chunks of particles.
+* :func:`active_units`, :func:`latent_activity`: Burda et al.'s activity statistic Cov_x(E_q[z_u|x]).
+* :func:`kl_per_dimension`: E_x KL(q(z_u|x) || N(0, 1)) per latent dimension.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch.distributions import Distribution, Independent, LowRankMultivariateNormal, MultivariateNormal, Normal
+
+from .objectives._weights import CellLayout, guess_plate_nesting, particle_log_weights
+
+__all__ = ["elbo", "log_likelihood", "chunk_size_for_budget", "bytes_per_particle", "streaming_logsumexp",
+           "posterior_means", "latent_activity", "active_units", "kl_per_dimension", "DEFAULT_MEMORY_BUDGET",
+           "MEMORY_OVERHEAD"]
+
+#: default working-memory budget of :func:`log_likelihood` (bytes).
+DEFAULT_MEMORY_BUDGET = 512 * 2**20
+
+#: bytes of working memory per (particle, data point), in units of one data point's size in bytes: the
+#: decoder output / likelihood parameters (1x), their log-density temporaries (about 2x), validation
+#: temporaries and hidden activations of decoders no wider than the data (<= 2x), with a safety margin.
+MEMORY_OVERHEAD = 8
+
+
+# ---------------------------------------------------------------------------------------------- data
+def _as_batch(item) -> torch.Tensor:
+    x = item[0] if isinstance(item, (tuple, list)) else item
+    if not torch.is_tensor(x):
+        raise TypeError(f"data batches must be tensors or (x, y) tuples of tensors, got {type(x).__name__}")
+    return x
+
+
+def _is_tensor_tuple(data) -> bool:
+    return isinstance(data, (tuple, list)) and len(data) > 0 and all(torch.is_tensor(t) for t in data)
+
+
+def _first(data) -> torch.Tensor:
+    """The x tensor of tensor data (a tensor or a tuple (x, c, ...) of tensors)."""
+    return data[0] if _is_tensor_tuple(data) else data
+
+
+def _batches(data, batch_size: int | None) -> Iterator[tuple]:
+    """Positional-argument tuples per batch: ``(x,)`` from a tensor or a loader, ``(x, c, ...)`` from a tuple
+    of tensors (split into ``batch_size`` rows together; None = all at once)."""
+    if torch.is_tensor(data) or _is_tensor_tuple(data):
+        tensors = (data,) if torch.is_tensor(data) else tuple(data)
+        n = tensors[0].shape[0] if tensors[0].dim() else 0
+        if n == 0 or any(t.dim() == 0 or t.shape[0] != n for t in tensors):
+            raise ValueError("data must be a non-empty tensor (N, ...) or a tuple of tensors sharing the first "
+                             f"dimension N, got shapes {[tuple(t.shape) for t in tensors]}")
+        yield from zip(*(t.split(batch_size or n) for t in tensors))
+    elif isinstance(data, Iterable):
+        for item in data:
+            yield (_as_batch(item),)
+    else:
+        raise TypeError(f"data must be a tensor (N, ...) or an iterable of batches, got {type(data).__name__}")
+
+
+def _num_points(data) -> int | None:
+    if torch.is_tensor(data) or _is_tensor_tuple(data):
+        return int(_first(data).shape[0])
+    dataset = getattr(data, "dataset", None)
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:
+        return None
+
+
+def _progress(enabled: bool, total: int | None, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="pt", disable=not enabled, leave=False)
+
+
+def _per_point(cell_values: torch.Tensor, layout: CellLayout) -> torch.Tensor:
+    """Sum per-cell values over every kept plate but the outermost (the batch plate): shape (B,)."""
+    if not layout.kept:
+        raise ValueError("per-data-point evaluation needs every sample site of model and guide inside a common "
+                         "batch plate, e.g. `with pyro.plate('data', len(x)):`; found no plate shared by all sites")
+    return cell_values.reshape(cell_values.shape[0], -1).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------- ELBO
+@torch.no_grad()
+def elbo(model: Callable, guide: Callable, data, *, num_particles: int = 1, batch_size: int | None = 256,
+         progress: bool = False) -> torch.Tensor:
+    r"""Per-data-point ELBO estimates, shape (N,):
+
+        ELBO(x_n) ~ (1/K) sum_k [log p(x_n, z_k) - log q(z_k | x_n)],  z_k ~ q(z | x_n),  K = num_particles
+
+    (unscaled by any subsampling factor; particles vectorized). Its mean over data points is the test ELBO.
+    """
+    out, nesting = [], None
+    with _progress(progress, _num_points(data), "elbo") as bar:
+        for args in _batches(data, batch_size):
+            if nesting is None:
+                nesting = guess_plate_nesting(model, guide, args, {})
+            log_w, layout = particle_log_weights(model, guide, args, {}, int(num_particles), nesting)
+            out.append(_per_point(log_w.mean(0), layout))
+            bar.update(len(out[-1]))
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------- log p(x)
+def bytes_per_particle(data_numel: int, element_size: int = 4) -> int:
+    """Working memory of one particle of one data point: ``MEMORY_OVERHEAD * data_numel * element_size``."""
+    return MEMORY_OVERHEAD * int(data_numel) * int(element_size)
+
+
+def chunk_size_for_budget(memory_budget: int, batch_size: int, data_numel: int, element_size: int = 4) -> int:
+    r"""Particles per pass so that one pass over ``batch_size`` points stays within ``memory_budget`` bytes:
+
+        chunk = max(1, floor(memory_budget / (batch_size * MEMORY_OVERHEAD * data_numel * element_size)))
+
+    E.g. 512 MiB, 784-dim float32 data, batch 16: floor(2^29 / (16 * 8 * 784 * 4)) = 1337 particles.
+    """
+    return max(1, int(memory_budget) // (int(batch_size) * bytes_per_particle(data_numel, element_size)))
+
+
+def _auto_batch_size(memory_budget: int, num_samples: int, chunk_size: int | None, data_numel: int,
+                     element_size: int) -> int:
+    """Points per batch when none is given: fill the budget with all K particles (or one chunk) per point."""
+    cells = max(1, int(memory_budget) // bytes_per_particle(data_numel, element_size))
+    return max(1, cells // min(num_samples, chunk_size or num_samples))
+
+
+def streaming_logsumexp(chunks: Iterable[torch.Tensor]) -> torch.Tensor:
+    """logsumexp over dim 0 of the concatenation of ``chunks``, holding one chunk at a time (O(cells) state):
+    acc <- logaddexp(acc, logsumexp(chunk, 0))."""
+    acc = None
+    for chunk in chunks:
+        part = torch.logsumexp(chunk, dim=0)
+        acc = part if acc is None else torch.logaddexp(acc, part)
+    if acc is None:
+        raise ValueError("streaming_logsumexp needs at least one chunk")
+    return acc
+
+
+@torch.no_grad()
+def log_likelihood(model: Callable, guide: Callable, data, num_samples: int = 5000, batch_size: int | None = None,
+                   chunk_size: int | None = None, progress: bool = True,
+                   memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
+    r"""Importance-sampled log p(x_n) per data point, shape (N,) (Burda et al. 2016, eq. 12 with K samples):
+
+        log p(x_n) ~ log (1/K) sum_{k=1}^K p(x_n, z_k) / q(z_k | x_n),   z_k ~ q(z | x_n)
+                   = logsumexp_k(log w_k) - log K.
+
+    It is the IWAE_K bound: a lower bound on log p(x_n) in expectation, E[...] <= log p(x_n), tightening
+    monotonically in K and consistent as K -> infinity (the bias is O(1/K) for weights of finite variance).
+
+    The K particles are drawn in chunks of ``chunk_size`` vectorized particles (a particle plate of that
+    size) and combined by :func:`streaming_logsumexp`, so only one chunk is alive at a time. **Memory
+    bound**: a pass over a batch of B points of D elements (element size e bytes) with chunk C holds about
+
+        B * C * MEMORY_OVERHEAD * D * e  bytes   (MEMORY_OVERHEAD = 8)
+
+    plus the model's parameters; ``chunk_size=None`` picks C = :func:`chunk_size_for_budget` so this is at
+    most ``memory_budget`` (default 512 MiB), and ``batch_size=None`` (tensor data) picks B so that a pass
+    fills the budget. For 784-dim float32 MNIST, K = 5000 and the defaults, a pass has B * C ~ 21 400
+    particle-points (~ 512 MiB of working memory); the process stays well under 2 GB.
+
+    :param num_samples: K.
+    :param batch_size: data points per pass (tensor data); a DataLoader's batches are used as they come.
+    :param chunk_size: particles per pass; default from ``memory_budget``.
+    :param memory_budget: working-memory budget in bytes for choosing ``chunk_size`` / ``batch_size``.
+    """
+    num_samples = int(num_samples)
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if (torch.is_tensor(data) or _is_tensor_tuple(data)) and batch_size is None:
+        x = _first(data)
+        batch_size = _auto_batch_size(memory_budget, num_samples, chunk_size, x[0].numel(), x.element_size())
+    out, nesting = [], None
+    with _progress(progress, _num_points(data), f"log p(x), K={num_samples}") as bar:
+        for args in _batches(data, batch_size):
+            x = args[0]
+            if nesting is None:
+                nesting = guess_plate_nesting(model, guide, args, {})
+            chunk = int(chunk_size or chunk_size_for_budget(memory_budget, x.shape[0], x[0].numel(), x.element_size()))
+            out.append(_batch_log_likelihood(model, guide, args, num_samples, min(chunk, num_samples), nesting))
+            bar.update(len(out[-1]))
+    return torch.cat(out)
+
+
+def _batch_log_likelihood(model, guide, args: tuple, num_samples: int, chunk: int, nesting: int) -> torch.Tensor:
+    layouts = []
+
+    def chunks():
+        for start in range(0, num_samples, chunk):
+            log_w, layout = particle_log_weights(model, guide, args, {}, min(chunk, num_samples - start), nesting)
+            layouts.append(layout)
+            yield log_w
+
+    log_sum = streaming_logsumexp(chunks())
+    return _per_point(log_sum - math.log(num_samples), layouts[-1])
+
+
+# ---------------------------------------------------------------------------------------------- latents
+def _encoder_output(encoder, args: tuple):
+    if hasattr(encoder, "encode"):
+        return encoder.encode(*args)
+    if callable(encoder):
+        return encoder(*args)
+    raise TypeError(f"expected a VAE (with .encode(x)) or a function x -> distribution/means, got {encoder!r}")
+
+
+def _posterior_mean(encoder, args: tuple) -> torch.Tensor:
+    if hasattr(encoder, "posterior_mean"):
+        return encoder.posterior_mean(*args)
+    out = _encoder_output(encoder, args)
+    return out.mean if isinstance(out, Distribution) else out
+
+
+@torch.no_grad()
+def posterior_means(encoder, data, batch_size: int | None = 256) -> torch.Tensor:
+    """E_q[z | x_n] for every data point, shape (N, d).
+
+    ``encoder``: a VAE-like object with ``.posterior_mean(x)`` or ``.encode(x)`` (a distribution with
+    ``.mean``), or a function ``x -> Tensor[B, d]`` (the means) or ``x -> distribution``.
+    """
+    return torch.cat([_posterior_mean(encoder, args).reshape(len(args[0]), -1) for args in _batches(data, batch_size)])
+
+
+def latent_activity(encoder, data, batch_size: int | None = 256) -> torch.Tensor:
+    """A_u = Cov_x(E_q[z_u | x]) per latent dimension u, shape (d,) (Burda et al. 2016, sec. 5.2)."""
+    means = posterior_means(encoder, data, batch_size)
+    if means.shape[0] < 2:
+        raise ValueError("latent activity needs at least two data points")
+    return means.var(dim=0, unbiased=True)
+
+
+def active_units(encoder, data, threshold: float = 0.01, batch_size: int | None = 256) -> int:
+    """Number of active latent units, A_u = Cov_x(E_q[z_u | x]) > ``threshold`` (Burda et al. 2016: 0.01)."""
+    return int((latent_activity(encoder, data, batch_size) > threshold).sum())
+
+
+def _gaussian_marginals(q: Distribution):
+    """(loc, variance) of each latent coordinate's marginal for Gaussian q, else None."""
+    if isinstance(q, Independent) and isinstance(q.base_dist, Normal) and q.reinterpreted_batch_ndims == 1:
+        return q.base_dist.loc, q.base_dist.scale.pow(2)
+    if isinstance(q, Normal):
+        return q.loc, q.scale.pow(2)
+    if isinstance(q, MultivariateNormal):
+        return q.loc, q._unbroadcasted_scale_tril.pow(2).sum(-1).expand_as(q.loc)
+    if isinstance(q, LowRankMultivariateNormal):
+        var = q._unbroadcasted_cov_factor.pow(2).sum(-1) + q._unbroadcasted_cov_diag
+        return q.loc, var.expand_as(q.loc)
+    return None
+
+
+def _kl_marginals_to_standard_normal(q: Distribution, num_samples: int) -> torch.Tensor | None:
+    """KL(q(z_u|x) || N(0,1)) per point and coordinate, shape (B, d), or None if q has no usable marginals."""
+    marginals = _gaussian_marginals(q)
+    if marginals is not None:
+        loc, var = marginals
+        return 0.5 * (var + loc.pow(2) - 1 - var.log())
+    if isinstance(q, Independent) and q.reinterpreted_batch_ndims == 1 and q.base_dist.event_shape == ():
+        base = q.base_dist
+        zeros = torch.zeros_like(base.sample())
+        standard = Normal(zeros, torch.ones_like(zeros))
+        try:
+            return torch.distributions.kl_divergence(base, standard)
+        except NotImplementedError:
+            z = base.sample((num_samples,))  # Monte Carlo: E_q[log q_u(z_u) - log N(z_u; 0, 1)]
+            return (base.log_prob(z) - standard.log_prob(z)).mean(0)
+    return None
+
+
+@torch.no_grad()
+def kl_per_dimension(encoder, data, batch_size: int | None = 256, num_samples: int = 256) -> torch.Tensor:
+    """E_x KL(q(z_u | x) || N(0, 1)) for each latent coordinate u, shape (d,).
+
+    Closed form 1/2 (s_u^2 + m_u^2 - 1 - log s_u^2) for Gaussian posteriors (diagonal: m_u, s_u; full or
+    low-rank covariance: the marginals, s_u^2 = S_uu); for other factorized posteriors
+    (``Independent`` of a univariate family) torch's closed form when registered, else a Monte Carlo
+    estimate with ``num_samples`` draws. Posteriors without per-coordinate marginal densities (e.g. flows)
+    give NaN with a warning. ``encoder`` is a VAE-like object with ``.encode(x)`` or a function
+    ``x -> distribution`` with batch_shape (B,) and event_shape (d,).
+    """
+    total, count = None, 0
+    for args in _batches(data, batch_size):
+        q = _encoder_output(encoder, args)
+        if not isinstance(q, Distribution):
+            raise TypeError(f"kl_per_dimension needs the posterior distribution, got {type(q).__name__}")
+        kl = _kl_marginals_to_standard_normal(q, num_samples)
+        if kl is None:
+            warnings.warn(f"kl_per_dimension: {type(q).__name__} posterior has no per-coordinate marginal "
+                          "densities; returning NaN", RuntimeWarning, stacklevel=2)
+            return torch.full(q.event_shape, float("nan"))
+        total = kl.sum(0) if total is None else total + kl.sum(0)
+        count += kl.shape[0]
+    return total / count

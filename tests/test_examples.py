@@ -1,0 +1,83 @@
+"""Every example and benchmark runs in its quick mode, so none of them rots."""
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vae_mnist_example_quick():
+    elbo = _load(ROOT / "examples" / "vae_mnist.py").main(["--quick"])
+    assert math.isfinite(elbo) and elbo < 0
+
+
+def test_iwae_example_quick():
+    rows = _load(ROOT / "examples" / "iwae_mnist.py").main(["--quick"])
+    assert len(rows) == 3 and all(math.isfinite(v) and v > 0 for v in rows.values())
+
+
+def test_full_covariance_example_quick(tmp_path):
+    rows = _load(ROOT / "examples" / "full_covariance.py").main(["--quick", "--out", str(tmp_path)])
+    assert [r["guide"] for r in rows] == ["diagonal", "cholesky", "lowrank", "iaf"]
+    assert all(r["test_nll"] > 0 and r["test_elbo"] < 0 for r in rows)
+
+
+def test_cvae_example_quick(tmp_path):
+    result = _load(ROOT / "examples" / "cvae_mnist.py").main(["--quick", "--out", str(tmp_path)])
+    assert (tmp_path / "label-2.png").exists()
+    assert set(result["quadrants"]) == {1, 2, 3}
+    assert all(nll > 0 for nll, se in result["quadrants"].values())
+
+
+def test_speed_benchmark_quick(tmp_path):
+    rows, evals = _load(ROOT / "benchmarks" / "speed.py").main(["--quick", "--out", str(tmp_path / "s.json")])
+    assert len(rows) == 4 and all(r["direct_path"] for r in rows)
+    assert all(r["ours_ms"] > 0 and r["hand_ms"] > 0 and r["pyro_ms"] > 0 for r in rows)
+    assert evals[0]["ours_points_per_s"] > 0
+    assert json.loads((tmp_path / "s.json").read_text())["rows"]
+
+
+def test_iwae_table_benchmark_quick(tmp_path):
+    out = tmp_path / "table"
+    rows = _load(ROOT / "benchmarks" / "iwae_table.py").main(
+        ["--quick", "--quiet", "--out", str(out), "--models", "VAE,IWAE k=5"])
+    assert [r["model"] for r in rows] == ["VAE", "IWAE k=5"]
+    assert all(r["test_nll"] > 0 and r["epochs"] == 1 for r in rows)
+    # running it again resumes (nothing left to train) and gives the same table
+    again = _load(ROOT / "benchmarks" / "iwae_table.py").main(
+        ["--quick", "--quiet", "--out", str(out), "--models", "VAE"])
+    assert again[0]["epochs"] == 1
+
+
+def test_gradient_variance_cli_toy(tmp_path, capsys):
+    from pyro_vae.cli import main
+
+    assert main(["gradient-variance", "--toy", "--repetitions", "200", "--out", str(tmp_path)]) == 0
+    for ext in ("md", "json", "png"):
+        assert (tmp_path / f"gradient_variance_toy.{ext}").stat().st_size > 0
+    rows = json.loads((tmp_path / "gradient_variance_toy.json").read_text())
+    assert {r["estimator"] for r in rows} == {"score_function", "reparameterization"}
+
+
+def test_gradient_variance_cli_on_a_run(tmp_path):
+    from pyro_vae.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--z-dim", "2", "--hidden", "16", "--no-progress", "--out", str(run)]) == 0
+    assert main(["gradient-variance", str(run), "--repetitions", "20", "--batch-size", "16",
+                 "--estimators", "reparam,score,analytic,iwae-5,dreg-5"]) == 0
+    rows = {r["estimator"]: r for r in json.loads((run / "gradient_variance_vae.json").read_text())}
+    assert rows["reparam"]["total_variance"] < rows["score"]["total_variance"]
+    assert (run / "gradient_variance_vae.png").exists()
