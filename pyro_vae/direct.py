@@ -42,7 +42,7 @@ def latent(vae, x, c, k: int):
 def log_likelihood(vae, out, x, c=None):
     """log p(x|z[,c]), restricted to the unobserved pixels for an image-completion conditional VAE."""
     mask = vae.missing_mask(c) if c is not None and getattr(vae, "missing_value", None) is not None else None
-    return vae.likelihood(out, mask=mask).log_prob(x)
+    return vae.likelihood.log_prob(out, x, mask)
 
 
 def vae_batch(vae, x):
@@ -135,14 +135,36 @@ def _iwae(objective, vae):
     return loss
 
 
-def direct_loss_fn(objective, vae, model=None, guide=None):
-    """A function ``(x[, c]) -> loss`` equal to ``objective.differentiable_loss(vae.model, vae.guide, x[, c])``,
-    or None when the direct path does not apply (another objective, or a user's own model/guide)."""
+def own_vae(model, guide):
+    """The VAE when ``model`` and ``guide`` are the bound ``model``/``guide`` of one of our VAEs, else None."""
+    vae = getattr(model, "__self__", None)
+    if vae is None or getattr(guide, "__self__", None) is not vae or not _is_own(vae):
+        return None
+    if getattr(model, "__func__", None) is not type(vae).model or getattr(guide, "__func__", None) is not type(vae).guide:
+        return None
+    return vae
+
+
+def _is_own(vae) -> bool:
     from .conditional import ConditionalVAE
     from .vae import VAE
 
     own = {(VAE.model, VAE.guide), (ConditionalVAE.model, ConditionalVAE.guide)}
-    if not isinstance(vae, VAE) or (type(vae).model, type(vae).guide) not in own:
+    return isinstance(vae, VAE) and (type(vae).model, type(vae).guide) in own
+
+
+@torch.no_grad()
+def particle_log_weights(vae, x, c=None, *, num_particles: int) -> torch.Tensor:
+    """log w_kn = log p(x_n, z_kn) - log q(z_kn | x_n) for K particles, shape (K, N)."""
+    x, _, q, z, out, prior = latent(vae, x, c, num_particles)
+    log_w = log_likelihood(vae, out, x, c) + prior.log_prob(z) - q.log_prob(z)
+    return log_w if num_particles > 1 else log_w.unsqueeze(0)
+
+
+def direct_loss_fn(objective, vae, model=None, guide=None):
+    """A function ``(x[, c]) -> loss`` equal to ``objective.differentiable_loss(vae.model, vae.guide, x[, c])``,
+    or None when the direct path does not apply (another objective, or a user's own model/guide)."""
+    if not _is_own(vae):
         return None
     builders = _BUILDERS.get(type(objective), ())
     if not builders and type(objective).__name__ in _BY_NAME and type(objective).__module__.startswith("pyro_vae"):

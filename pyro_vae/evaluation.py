@@ -191,6 +191,8 @@ def log_likelihood(model: Callable, guide: Callable, data, num_samples: int = 50
     with _progress(progress, _num_points(data), f"log p(x), K={num_samples}") as bar:
         for args in _batches(data, batch_size):
             x = args[0]
+            if nesting is None and _own(model, guide):
+                nesting = 1
             if nesting is None:
                 nesting = guess_plate_nesting(model, guide, args, {})
             chunk = int(chunk_size or chunk_size_for_budget(memory_budget, x.shape[0], x[0].numel(), x.element_size()))
@@ -199,7 +201,20 @@ def log_likelihood(model: Callable, guide: Callable, data, num_samples: int = 50
     return torch.cat(out)
 
 
+def _own(model, guide) -> bool:
+    from .direct import own_vae
+
+    return own_vae(model, guide) is not None
+
+
 def _batch_log_likelihood(model, guide, args: tuple, num_samples: int, chunk: int, nesting: int) -> torch.Tensor:
+    from .direct import own_vae, particle_log_weights as direct_log_weights
+
+    vae = own_vae(model, guide)
+    if vae is not None:  # a VAE's own model and guide: the same weights without tracing (pyro_vae.direct)
+        chunks = (direct_log_weights(vae, *args, num_particles=min(chunk, num_samples - start))
+                  for start in range(0, num_samples, chunk))
+        return streaming_logsumexp(chunks) - math.log(num_samples)
     layouts = []
 
     def chunks():

@@ -48,7 +48,14 @@ class Likelihood(nn.Module):
 
     def split(self, out: torch.Tensor):
         """Split a decoder output (..., num_params, *input_shape) into its parameter tensors."""
-        return out.unbind(dim=-(self.event_dim + 1))
+        dim = -(self.event_dim + 1)
+        if self.num_params == 1:  # a view with a cheap backward (unbind's backward stacks a copy)
+            return (out.squeeze(dim),)
+        return out.unbind(dim=dim)
+
+    def log_prob(self, out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(x|z) per data point, the same value as ``self(out, mask).log_prob(x)``."""
+        return self(out, mask).log_prob(x)
 
     def pixelwise(self, out: torch.Tensor) -> dist.TorchDistribution:  # pragma: no cover
         """The per-pixel distribution (batch_shape ends with input_shape)."""
@@ -96,6 +103,14 @@ class Bernoulli(Likelihood):
     def pixelwise(self, out):
         (logits,) = self.split(out)
         return dist.Bernoulli(logits=logits, validate_args=False)
+
+    def log_prob(self, out, x, mask=None):
+        """sum_i x_i l_i - softplus(l_i), on flattened pixels (the trainer's hot path)."""
+        if mask is not None:
+            return super().log_prob(out, x, mask)
+        logits = self.split(out)[0].flatten(-self.event_dim)
+        target = x.flatten(-self.event_dim).expand_as(logits)
+        return -F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
 
     def mean(self, out):
         return torch.sigmoid(self.split(out)[0])

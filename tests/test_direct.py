@@ -69,3 +69,27 @@ def test_user_models_and_flows_take_the_traced_path():
     assert _ObjectiveLoss(iaf, IWAEELBO(num_particles=3, estimator="dreg")).direct is None
     assert _ObjectiveLoss(iaf, IWAEELBO(num_particles=3)).direct is not None
     assert _ObjectiveLoss(VAE(input_shape=(1, 4, 4), z_dim=2), Trace_ELBO(num_particles=3)).direct is None
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_log_likelihood_takes_the_direct_path_with_the_same_result(conditional):
+    from pyro_vae.evaluation import log_likelihood
+
+    torch.manual_seed(0)
+    if conditional:
+        vae = ConditionalVAE((1, 4, 4), condition_shape=(1, 4, 4), z_dim=2, hidden=(8,), prior="learned",
+                             missing_value=-1.0)
+        x = torch.bernoulli(torch.rand(7, 1, 4, 4))
+        c = x.clone()
+        c[..., 2:, :] = -1
+        data = (x, c)
+        model, guide = (lambda x, c: vae.model(x, c)), (lambda x, c: vae.guide(x, c))
+    else:
+        vae = VAE(input_shape=(1, 4, 4), z_dim=2, hidden=(8,))
+        data = torch.bernoulli(torch.rand(7, 1, 4, 4))
+        model, guide = (lambda x: vae.model(x)), (lambda x: vae.guide(x))
+    pyro.set_rng_seed(3)
+    direct = log_likelihood(vae.model, vae.guide, data, num_samples=50, chunk_size=20, progress=False)
+    pyro.set_rng_seed(3)
+    traced = log_likelihood(model, guide, data, num_samples=50, chunk_size=20, progress=False)
+    torch.testing.assert_close(direct, traced, rtol=1e-5, atol=1e-4)

@@ -61,6 +61,13 @@ def test_iwae_table_benchmark_quick(tmp_path):
     assert again[0]["epochs"] == 1
 
 
+def test_fisher_vs_vae_benchmark_quick(tmp_path):
+    rows = _load(ROOT / "benchmarks" / "fisher_vs_vae.py").main(["--quick", "--out", str(tmp_path)])
+    assert [r["objective"] for r in rows] == ["elbo", "fisher"]
+    assert all(r["test_nll"] > 0 for r in rows)
+    assert (tmp_path / "fisher" / "samples.png").exists()
+
+
 def test_gradient_variance_cli_toy(tmp_path, capsys):
     from pyro_vae.cli import main
 
