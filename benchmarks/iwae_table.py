@@ -26,11 +26,11 @@ PAPER = {"VAE": 86.76, "IWAE k=5": 85.54, "IWAE k=50": 84.78}
 # the paper's active units (one stochastic layer, Table 1): VAE k=1: 19, IWAE k=5: 22, IWAE k=50: 25
 PAPER_ACTIVE = {"VAE": 19, "IWAE k=5": 22, "IWAE k=50": 25}
 
-MODELS = [
-    ("VAE", dict(objective="elbo", num_particles=1)),
-    ("IWAE k=5", dict(objective="iwae", num_particles=5, estimator="iwae")),
-    ("IWAE k=50", dict(objective="iwae", num_particles=50, estimator="iwae")),
-    ("IWAE k=50, DReG", dict(objective="iwae", num_particles=50, estimator="dreg")),
+MODELS = [  # key for --models, name in the table, run options
+    ("vae", "VAE", dict(objective="elbo", num_particles=1)),
+    ("iwae5", "IWAE k=5", dict(objective="iwae", num_particles=5, estimator="iwae")),
+    ("iwae50", "IWAE k=50", dict(objective="iwae", num_particles=50, estimator="iwae")),
+    ("dreg50", "IWAE k=50, DReG", dict(objective="iwae", num_particles=50, estimator="dreg")),
 ]
 
 
@@ -83,7 +83,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=5000)
     p.add_argument("--test-points", type=int, default=None, help="evaluate on the first N test points")
-    p.add_argument("--models", default=",".join(n for n, _ in MODELS))
+    p.add_argument("--models", default=",".join(k for k, _, _ in MODELS), help="comma-separated keys")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="benchmarks/results/iwae_table")
     p.add_argument("--quick", action="store_true", help="digits, 1 epoch, K=20, 50 test points")
@@ -94,7 +94,10 @@ def main(argv=None):
     out_root = Path(args.out)
     out_root.mkdir(parents=True, exist_ok=True)
     wanted = [m.strip() for m in args.models.split(",")]
-    rows = [run_one(name, o, args, out_root) for name, o in MODELS if name in wanted]
+    unknown = set(wanted) - {k for k, _, _ in MODELS}
+    if unknown:
+        p.error(f"unknown model key(s) {', '.join(sorted(unknown))}; choose from {', '.join(k for k, _, _ in MODELS)}")
+    rows = [run_one(name, o, args, out_root) for key, name, o in MODELS if key in wanted]
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} threads", "torch": torch.__version__, "args": vars(args)}
     (out_root / "iwae_table.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

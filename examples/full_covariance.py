@@ -4,7 +4,7 @@ IAF, trained with the same budget on the bundled digits, compared by test ELBO a
     python examples/full_covariance.py                  # about 2 minutes on 2 CPU cores
     python examples/full_covariance.py --quick          # a smoke run (what the tests execute)
 
-The gap NLL - (-ELBO) is the average KL(q(z|x) || p(z|x)) left by the family: a richer family closes part of it.
+The gap -ELBO - NLL is the average KL(q(z|x) || p(z|x)) left by the family: a richer family closes part of it.
 """
 import argparse
 import tempfile
@@ -34,7 +34,7 @@ def main(argv=None):
         run_dir = train_run(config, root / guide, progress=False, figures=False)
         r = evaluate_run(load_run(run_dir), num_samples=args.num_samples)
         rows.append({"guide": guide, **r})
-    print("| guide | test ELBO | test NLL | gap NLL - (-ELBO) | active units |")
+    print("| guide | test ELBO | test NLL | gap -ELBO - NLL | active units |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['guide']} | {r['test_elbo']:.2f} | {r['test_nll']:.2f} ± {r['test_nll_stderr']:.2f} | "

@@ -58,9 +58,7 @@ def _trace_elbo(objective, vae):
         return None
 
     def loss(x, c=None):
-        x, _, q, z, out, prior = latent(vae, x, c, k)
-        log_w = log_likelihood(vae, out, x, c) + prior.log_prob(z) - q.log_prob(z)
-        return -log_w.sum() / k
+        return -log_weights(vae, x, c, num_particles=k).sum() / k
 
     return loss
 
@@ -153,11 +151,16 @@ def _is_own(vae) -> bool:
     return isinstance(vae, VAE) and (type(vae).model, type(vae).guide) in own
 
 
+def log_weights(vae, x, c=None, *, num_particles: int) -> torch.Tensor:
+    """log w_kn = log p(x_n, z_kn) - log q(z_kn | x_n) for K particles, shape (K, N) ((N,) when K == 1)."""
+    x, _, q, z, out, prior = latent(vae, x, c, num_particles)
+    return log_likelihood(vae, out, x, c) + prior.log_prob(z) - q.log_prob(z)
+
+
 @torch.no_grad()
 def particle_log_weights(vae, x, c=None, *, num_particles: int) -> torch.Tensor:
-    """log w_kn = log p(x_n, z_kn) - log q(z_kn | x_n) for K particles, shape (K, N)."""
-    x, _, q, z, out, prior = latent(vae, x, c, num_particles)
-    log_w = log_likelihood(vae, out, x, c) + prior.log_prob(z) - q.log_prob(z)
+    """:func:`log_weights` without gradients, always of shape (K, N)."""
+    log_w = log_weights(vae, x, c, num_particles=num_particles)
     return log_w if num_particles > 1 else log_w.unsqueeze(0)
 
 

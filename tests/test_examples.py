@@ -52,12 +52,12 @@ def test_speed_benchmark_quick(tmp_path):
 def test_iwae_table_benchmark_quick(tmp_path):
     out = tmp_path / "table"
     rows = _load(ROOT / "benchmarks" / "iwae_table.py").main(
-        ["--quick", "--quiet", "--out", str(out), "--models", "VAE,IWAE k=5"])
+        ["--quick", "--quiet", "--out", str(out), "--models", "vae,iwae5"])
     assert [r["model"] for r in rows] == ["VAE", "IWAE k=5"]
     assert all(r["test_nll"] > 0 and r["epochs"] == 1 for r in rows)
     # running it again resumes (nothing left to train) and gives the same table
     again = _load(ROOT / "benchmarks" / "iwae_table.py").main(
-        ["--quick", "--quiet", "--out", str(out), "--models", "VAE"])
+        ["--quick", "--quiet", "--out", str(out), "--models", "vae"])
     assert again[0]["epochs"] == 1
 
 

@@ -59,9 +59,10 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, un
     out = tmp_path / "run"
     p = _cli(*TRAIN, "--out", str(out))
     deadline = time.time() + 120
-    while not (out / "checkpoint.pt").exists() and time.time() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.3)  # let it run past the checkpoint, into the middle of an epoch
+    metrics = out / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)  # epoch 1 is done: kill in the middle of epoch 2 (of 6)
     assert p.poll() is None, "training finished before it could be killed"
     p.send_signal(signal.SIGKILL)
     assert p.wait(timeout=30) == -signal.SIGKILL

@@ -247,3 +247,19 @@ def _detach_value(value, owner: str, memo: dict):
         raise TypeError(f"cannot detach the parameters of {owner}: it holds the callable {value!r}; "
                         "stop-gradient estimators (dreg, stl) support distributions with tensor parameters only")
     return value
+
+
+class TracedParticles:
+    """Mixin for our ELBO subclasses: the plate nesting (guessed once, without the particle plate) and
+    ``_get_trace``, the single-particle trace hook of :class:`pyro.infer.ELBO`."""
+
+    def _plate_nesting(self, model, guide, args, kwargs) -> int:
+        if self.max_plate_nesting == float("inf"):
+            self.max_plate_nesting = guess_plate_nesting(model, guide, args, kwargs)
+        return int(self.max_plate_nesting)
+
+    def _get_trace(self, model, guide, args, kwargs):
+        """One (model_trace, guide_trace) pair with a single-particle plate (pyro.infer.ELBO's hook)."""
+        model_trace, guide_trace, _ = trace_particles(model, guide, args, kwargs, 1,
+                                                      self._plate_nesting(model, guide, args, kwargs))
+        return model_trace, guide_trace

@@ -20,12 +20,12 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO
 from pyro.util import warn_if_nan
 
-from ._weights import check_reparameterized, guess_plate_nesting, sample_sites, trace_particles
+from ._weights import TracedParticles, check_reparameterized, sample_sites, trace_particles
 
 __all__ = ["AnalyticKLELBO"]
 
 
-class AnalyticKLELBO(ELBO):
+class AnalyticKLELBO(TracedParticles, ELBO):
     r"""ELBO = E_q[log p(x|z)] - beta * KL(q(z|x) || p(z)), KL in closed form per latent site.
 
     For every latent site z_s (present in model and guide)::
@@ -66,16 +66,6 @@ class AnalyticKLELBO(ELBO):
         self._warned_sites: set[str] = set()
 
     # ------------------------------------------------------------------------------------------ traces
-    def _plate_nesting(self, model, guide, args, kwargs) -> int:
-        if self.max_plate_nesting == float("inf"):
-            self.max_plate_nesting = guess_plate_nesting(model, guide, args, kwargs)
-        return int(self.max_plate_nesting)
-
-    def _get_trace(self, model, guide, args, kwargs):
-        """One (model_trace, guide_trace) pair with a single-particle plate (pyro.infer.ELBO's hook)."""
-        model_trace, guide_trace, _ = trace_particles(model, guide, args, kwargs, 1,
-                                                      self._plate_nesting(model, guide, args, kwargs))
-        return model_trace, guide_trace
 
     def _particle_traces(self, model, guide, args, kwargs):
         """Yield (model_trace, guide_trace, particles_in_trace): one vectorized pass or K single passes."""

@@ -31,7 +31,7 @@ import torch
 from pyro.infer import ELBO
 from pyro.util import warn_if_nan
 
-from ._weights import (CellLayout, check_reparameterized, detach_distribution, guess_plate_nesting, latent_sites,
+from ._weights import (CellLayout, TracedParticles, check_reparameterized, detach_distribution, latent_sites,
                        log_density, sample_sites, trace_particles)
 
 __all__ = ["IWAEELBO", "ESTIMATORS"]
@@ -44,7 +44,7 @@ def log_mean_exp(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.logsumexp(log_w, dim) - math.log(log_w.shape[dim])
 
 
-class IWAEELBO(ELBO):
+class IWAEELBO(TracedParticles, ELBO):
     r"""The IWAE bound, one bound per data point, with the ``iwae``, ``dreg`` or ``stl`` gradient estimator.
 
     The K particles are drawn in one vectorized pass (particle plate at dim ``-(max_plate_nesting + 1)``).
@@ -95,16 +95,6 @@ class IWAEELBO(ELBO):
         self.max_plate_nesting = max_plate_nesting  # the model's own nesting (ELBO.__init__ added 1)
         self.estimator = estimator
 
-    def _plate_nesting(self, model, guide, args, kwargs) -> int:
-        if self.max_plate_nesting == float("inf"):
-            self.max_plate_nesting = guess_plate_nesting(model, guide, args, kwargs)
-        return int(self.max_plate_nesting)
-
-    def _get_trace(self, model, guide, args, kwargs):
-        """One (model_trace, guide_trace) pair with a single-particle plate (pyro.infer.ELBO's hook)."""
-        model_trace, guide_trace, _ = trace_particles(model, guide, args, kwargs, 1,
-                                                      self._plate_nesting(model, guide, args, kwargs))
-        return model_trace, guide_trace
 
     # ------------------------------------------------------------------------------------------ pieces
     @staticmethod
