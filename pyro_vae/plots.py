@@ -25,6 +25,8 @@ def _grid_images(x: torch.Tensor) -> torch.Tensor:
         x = x[:, None, None, :]
     elif x.dim() == 3:
         x = x[:, None]
+    if x.shape[-1] < 28:  # enlarge small images (8x8 digits) with nearest-neighbour pixels so they are visible
+        x = torch.nn.functional.interpolate(x, scale_factor=-(-28 // x.shape[-1]), mode="nearest")
     return x.clamp(0, 1)
 
 
