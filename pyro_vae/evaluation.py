@@ -132,6 +132,19 @@ def chunk_size_for_budget(memory_budget: int, batch_size: int, data_numel: int, 
     return max(1, int(memory_budget) // (int(batch_size) * bytes_per_particle(data_numel, element_size)))
 
 
+#: on the CPU a pass of about this many (particle, data point) pairs measured fastest (it stays in cache):
+#: 20 MNIST digits x 500 particles ran 1.5x faster than 20 x 1000 on 2 cores
+CPU_PASS_CELLS = 10_000
+
+
+def _default_chunk(memory_budget: int, x: torch.Tensor) -> int:
+    """Particles per pass: the memory budget's chunk, capped on the CPU at CPU_PASS_CELLS / batch size."""
+    chunk = chunk_size_for_budget(memory_budget, x.shape[0], x[0].numel(), x.element_size())
+    if x.device.type == "cpu":
+        chunk = min(chunk, max(1, CPU_PASS_CELLS // x.shape[0]))
+    return chunk
+
+
 def _auto_batch_size(memory_budget: int, num_samples: int, chunk_size: int | None, data_numel: int,
                      element_size: int) -> int:
     """Points per batch when none is given: fill the budget with all K particles (or one chunk) per point."""
@@ -195,7 +208,7 @@ def log_likelihood(model: Callable, guide: Callable, data, num_samples: int = 50
                 nesting = 1
             if nesting is None:
                 nesting = guess_plate_nesting(model, guide, args, {})
-            chunk = int(chunk_size or chunk_size_for_budget(memory_budget, x.shape[0], x[0].numel(), x.element_size()))
+            chunk = int(chunk_size or _default_chunk(memory_budget, x))
             out.append(_batch_log_likelihood(model, guide, args, num_samples, min(chunk, num_samples), nesting))
             bar.update(len(out[-1]))
     return torch.cat(out)
