@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import nn
 
 __all__ = ["MLPEncoder", "MLPDecoder", "ConvEncoder", "ConvDecoder", "make_networks", "ACTIVATIONS"]

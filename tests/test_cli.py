@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from pyro_vae import load_run
 from pyro_vae.cli import main

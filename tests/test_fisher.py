@@ -3,10 +3,11 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 import pyro
 import pyro.distributions as dist
+from tiny_vae import TinyVAE
+
 from pyro_vae.objectives.fisher import FisherELBO, FisherObjective
 
 B, D, K, SIGMA = 5, 4, 3, 0.7
@@ -118,27 +119,6 @@ def test_rejects_non_reparameterized_guide():
         FisherELBO(fisher_weight=0.0)
 
 
-class _TinyVAE(nn.Module):
-    def __init__(self, x_dim=64, z_dim=2, hidden=16):
-        super().__init__()
-        self.z_dim = z_dim
-        self.encoder = nn.Sequential(nn.Linear(x_dim, hidden), nn.Tanh(), nn.Linear(hidden, 2 * z_dim))
-        self.decoder = nn.Sequential(nn.Linear(z_dim, hidden), nn.Tanh(), nn.Linear(hidden, x_dim))
-
-    def model(self, x):
-        pyro.module("decoder", self.decoder)
-        x = x.reshape(x.shape[0], -1)
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(x.new_zeros(self.z_dim), 1.0).to_event(1))
-            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
-
-    def guide(self, x):
-        pyro.module("encoder", self.encoder)
-        loc, s = self.encoder(x.reshape(x.shape[0], -1)).chunk(2, -1)
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(s) + 1e-3).to_event(1))
-
-
 def _data():
     g = torch.Generator().manual_seed(0)
     proto = (torch.rand(4, 64, generator=g) < 0.4).float()
@@ -152,7 +132,7 @@ def _decreased(losses):
 
 
 def test_trains_with_torch_adam():
-    vae, x = _TinyVAE(), _data()
+    vae, x = TinyVAE(), _data()
     objective = FisherELBO(decoder_score_weight=0.01)
     objective.differentiable_loss(vae.model, vae.guide, x)  # registers the modules
     opt = torch.optim.Adam(vae.parameters(), lr=2e-2)
@@ -167,7 +147,7 @@ def test_trains_with_torch_adam():
 
 
 def test_trains_with_svi():
-    vae, x = _TinyVAE(), _data()
+    vae, x = TinyVAE(), _data()
     svi = pyro.infer.SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 2e-2}), FisherObjective(num_particles=2))
     losses = [svi.step(x) for _ in range(80)]
     assert _decreased(losses), losses
