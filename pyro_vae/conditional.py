@@ -154,7 +154,7 @@ class ConditionalVAE(VAE):
             c = torch.full((int(n),), int(label), dtype=torch.long)
         cc = self.condition(c)
         if cc.shape[0] != n:
-            cc = cc.expand(int(n), -1) if cc.shape[0] == 1 else cc
+            raise ValueError(f"sampling {n} points needs {n} conditions, got {cc.shape[0]}")
         z = self.prior(cc).sample() if self.prior_kind == "learned" else self.prior().expand([int(n)]).sample()
         out = self._decode_params(z, cc)
         return self.likelihood.mean(out) if mean else self.likelihood(out).sample()

@@ -18,6 +18,8 @@ import torch
 
 import pyro
 
+from .vae import as_batch
+
 __all__ = ["direct_loss_fn"]
 
 
@@ -29,7 +31,7 @@ def particles(objective) -> int | None:
 
 def latent(vae, x, c, k: int):
     """Encoder parameters, q(z|x), z (shape (K, N, d), or (N, d) for K == 1), decoder output and p(z)."""
-    x = vae_batch(vae, x)
+    x = as_batch(x, vae.input_shape)
     cc = vae.condition(c) if c is not None else None
     params = vae._encode_params(x, cc) if cc is not None else vae._encode_params(x)
     q = vae.posterior(params)
@@ -43,12 +45,6 @@ def log_likelihood(vae, out, x, c=None):
     """log p(x|z[,c]), restricted to the unobserved pixels for an image-completion conditional VAE."""
     mask = vae.missing_mask(c) if c is not None and getattr(vae, "missing_value", None) is not None else None
     return vae.likelihood.log_prob(out, x, mask)
-
-
-def vae_batch(vae, x):
-    from .vae import as_batch
-
-    return as_batch(x, vae.input_shape)
 
 
 def _trace_elbo(objective, vae):

@@ -236,15 +236,20 @@ def _markdown_table(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_toy_study(out_dir, rows: Sequence[Mapping]) -> dict[str, Path]:
-    """Write ``gradient_variance_toy.{md,json,png}`` into ``out_dir`` (created); returns the paths."""
-    from .plots import plot_gradient_variance
-
+def _study_paths(out_dir, rows, stem: str) -> dict[str, Path]:
+    """``{md, json, png}`` paths ``out_dir/stem.*``, the folder created; no rows is an error."""
     if not rows:
         raise ValueError("no rows to write")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {k: out / f"gradient_variance_toy.{k}" for k in ("md", "json", "png")}
+    return {k: out / f"{stem}.{k}" for k in ("md", "json", "png")}
+
+
+def write_toy_study(out_dir, rows: Sequence[Mapping]) -> dict[str, Path]:
+    """Write ``gradient_variance_toy.{md,json,png}`` into ``out_dir`` (created); returns the paths."""
+    from .plots import plot_gradient_variance
+
+    paths = _study_paths(out_dir, rows, "gradient_variance_toy")
     phi = rows[0].get("phi")
     head = (f"# Gradient variance: score function vs reparameterization\n\n"
             f"Objective E_{{x~N(phi,1)}}[x^2], phi = {phi}, exact gradient 2*phi = {rows[0].get('exact_gradient')}; "
@@ -538,11 +543,7 @@ def write_vae_study(out_dir, rows: Sequence[Mapping]) -> dict[str, Path]:
     """Write ``gradient_variance_vae.{md,json,png}`` into ``out_dir`` (created); returns the paths."""
     from .plots import plot_vae_gradient_study
 
-    if not rows:
-        raise ValueError("no rows to write")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {k: out / f"gradient_variance_vae.{k}" for k in ("md", "json", "png")}
+    paths = _study_paths(out_dir, rows, "gradient_variance_vae")
     head = ("# Encoder-gradient variance on a VAE\n\n"
             "One-batch gradient estimates of the encoder parameters; SNR = |mean| / std per coordinate, "
             "averaged over coordinates.\n\n")

@@ -22,7 +22,7 @@ import pyro
 
 from .config import RunConfig
 from .data import DataError, binarize, check_data, is_binary, load_dataset, TEST_BINARIZATION_SEED
-from .runs import BEST, CHECKPOINT, CONFIG, METRICS, atomic_write_bytes, build_vae, load_checkpoint, save_checkpoint
+from .runs import BEST, CHECKPOINT, CONFIG, METRICS, read_metrics, atomic_write_bytes, build_vae, load_checkpoint, save_checkpoint
 
 __all__ = ["fit", "train_run", "train_step", "make_adam", "resolve_device", "resolve_objective", "prepare_eval_data", "DivergenceError"]
 
@@ -291,11 +291,7 @@ def fit(vae, train, val=None, *, objective="elbo", num_particles: int = 1, estim
                 batches = (tuple(a[shard(idx, w)] for a in arrays) for idx in perm.split(batch_size * w.size))
             else:
                 batches = (tuple(t.to(device) for t in b) for b in _batches(train, batch_size, conditional))
-            if skip:  # resuming mid-epoch: the RNG streams continue from the checkpoint
-                torch.set_rng_state(resume_state["rng"]["torch"])
-                if device.type == "cuda" and "cuda" in resume_state["rng"]:
-                    torch.cuda.set_rng_state(resume_state["rng"]["cuda"], device)
-            elif resume_state is not None and epoch == start:
+            if resume_state is not None and epoch == start:  # the noise stream continues from the checkpoint
                 torch.set_rng_state(resume_state["rng"]["torch"])
                 if device.type == "cuda" and "cuda" in resume_state["rng"]:
                     torch.cuda.set_rng_state(resume_state["rng"]["cuda"], device)
@@ -438,7 +434,7 @@ def train_run(config: RunConfig, out=None, *, resume: bool = False, progress: bo
             (run_dir / METRICS).write_text("")
         elif resume_state is not None:
             _truncate_metrics(run_dir, int(resume_state["epoch"]))
-    best = [max((m.get("val_elbo", -math.inf) for m in _read_metrics(run_dir)), default=-math.inf)]
+    best = [max((m.get("val_elbo", -math.inf) for m in read_metrics(run_dir)), default=-math.inf)]
 
     def on_epoch(metrics, state):
         with open(run_dir / METRICS, "a") as f:
@@ -471,12 +467,6 @@ def train_run(config: RunConfig, out=None, *, resume: bool = False, progress: bo
 
         draw_run_figures(load_run(run_dir), data)
     return run_dir
-
-
-def _read_metrics(run_dir):
-    from .runs import read_metrics
-
-    return read_metrics(run_dir) if Path(run_dir).exists() else []
 
 
 def _truncate_metrics(run_dir: Path, epoch: int) -> None:

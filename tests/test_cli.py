@@ -97,3 +97,35 @@ def _exit_code(argv):
         return main(argv)
     except SystemExit as e:
         return e.code
+
+
+def test_conditional_run_samples_only_the_requested_label(tmp_path, capsys):
+    run = tmp_path / "cvae"
+    assert main(["train", *FAST, "--conditional", "--prior", "learned", "--out", str(run)]) == 0
+    assert main(["sample", str(run), "--label", "2", "-n", "9"]) == 0
+    assert (run / "samples-9-label2.png").exists()
+    capsys.readouterr()
+    assert _exit_code(["sample", str(run), "-n", "4"]) == 2
+    assert "give --label K" in capsys.readouterr().err
+    assert _exit_code(["sample", str(run), "--label", "10"]) == 2
+    assert main(["evaluate", str(run), "--num-samples", "20"]) == 0
+    result = json.loads((run / "eval.json").read_text())
+    assert result["test_nll"] > 0 and result["test_elbo"] < 0
+    assert main(["plot", str(run), "--latent", "tsne"]) == 0
+
+
+def test_kl_warmup_anneals_beta_and_best_checkpoint_is_the_best_epoch(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "4", "--z-dim", "2", "--hidden", "32", "--no-progress", "--objective",
+                 "analytic", "--kl-warmup", "4", "--out", str(run)]) == 0
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["beta"] for m in metrics] == [0.25, 0.5, 0.75, 1.0]
+    best_epoch = max(metrics, key=lambda m: m["val_elbo"])["epoch"]
+    assert load_run(run, best=True).epoch == best_epoch
+    assert load_run(run).epoch == 4
+
+
+def test_kl_warmup_needs_an_objective_with_a_kl_weight(tmp_path, capsys):
+    assert main(["train", *FAST, "--kl-warmup", "3", "--out", str(tmp_path / "r")]) == 2
+    assert "--kl-warmup needs" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
