@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["World", "setup", "world", "is_main", "DistributedConfigError"]
+__all__ = ["World", "setup", "teardown", "world", "is_main", "DistributedConfigError"]
 
 _REQUIRED = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -75,6 +75,17 @@ def setup(device: torch.device | None = None, timeout_s: float = 300.0) -> World
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return world()
+
+
+def teardown() -> None:
+    """Wait for every process (rank 0 may still be writing), then close the process group.
+
+    Exiting with the group still open lets a process's collective library abort while its peers are still
+    working, so every entry point that called :func:`setup` ends with this.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def shard(indices: torch.Tensor, w: World) -> torch.Tensor:

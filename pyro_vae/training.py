@@ -398,7 +398,7 @@ def train_run(config: RunConfig, out=None, *, resume: bool = False, progress: bo
     ``out`` is an existing run whose config and last checkpoint are loaded and training continues from there.
     Under torchrun every process trains; only rank 0 writes.
     """
-    from .distributed import setup, world
+    from .distributed import setup, teardown, world
 
     resume_state = None
     if resume:
@@ -466,6 +466,7 @@ def train_run(config: RunConfig, out=None, *, resume: bool = False, progress: bo
         from .runs import load_run
 
         draw_run_figures(load_run(run_dir), data)
+    teardown()
     return run_dir
 
 

@@ -10,6 +10,7 @@ import pyro
 import pyro.distributions as dist
 
 from pyro_vae import VAE, fit, load_dataset
+from pyro_vae.distributed import teardown
 from pyro_vae.guides import PosteriorFamily
 
 
@@ -40,6 +41,7 @@ def main(out, batch_size, mode):
                progress=False, device="cpu")
     if int(os.environ.get("RANK", 0)) == 0:
         torch.save({"model": vae.state_dict(), "train_loss": hist[-1]["train_loss"]}, out)
+    teardown()
 
 
 if __name__ == "__main__":
