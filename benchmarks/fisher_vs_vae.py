@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from pyro_vae import RunConfig, evaluate_run, load_run, train_run
+from pyro_vae.plots import draw_run_figures
 
 
 def main(argv=None):
@@ -38,6 +39,7 @@ def main(argv=None):
         t0 = time.time()
         train_run(config, run_dir, progress=False)
         seconds = time.time() - t0
+        draw_run_figures(load_run(run_dir))
         r = evaluate_run(load_run(run_dir), num_samples=args.num_samples)
         rows.append({"objective": objective, "train_seconds": seconds, **r})
     print("| objective | epochs | train time | test NLL (IS) | test ELBO | active units | samples |")

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from pyro_vae import RunConfig, evaluate_run, load_run, train_run
+from pyro_vae import RunConfig, evaluate_run, load_run, resume_run, train_run
 
 PAPER = {"VAE": 86.76, "IWAE k=5": 85.54, "IWAE k=50": 84.78}
 # the paper's active units (one stochastic layer, Table 1): VAE k=1: 19, IWAE k=5: 22, IWAE k=50: 25
 PAPER_ACTIVE = {"VAE": 19, "IWAE k=5": 22, "IWAE k=50": 25}
 
 MODELS = [  # key for --models, name in the table, run options
-    ("vae", "VAE", dict(objective="elbo", num_particles=1)),
+    ("vae", "VAE", dict(objective="elbo")),
     ("iwae5", "IWAE k=5", dict(objective="iwae", num_particles=5, estimator="iwae")),
     ("iwae50", "IWAE k=50", dict(objective="iwae", num_particles=50, estimator="iwae")),
     ("dreg50", "IWAE k=50, DReG", dict(objective="iwae", num_particles=50, estimator="dreg")),
@@ -47,9 +47,9 @@ def run_one(name, overrides, args, out_root: Path) -> dict:
     if (run_dir / "checkpoint.pt").exists():
         done = load_run(run_dir).epoch
         if done < args.epochs:
-            train_run(config, run_dir, resume=True, progress=not args.quiet, figures=False)
+            resume_run(run_dir, epochs=args.epochs, progress=not args.quiet)
     else:
-        train_run(config, run_dir, progress=not args.quiet, figures=False)
+        train_run(config, run_dir, progress=not args.quiet)
     train_s = time.time() - t0
     run = load_run(run_dir)
     run_train_s = sum(m["seconds"] for m in run.metrics)

@@ -31,7 +31,7 @@ def main(argv=None):
     for guide, kwargs in GUIDES:
         config = RunConfig(z_dim=args.z_dim, hidden=(256,), guide=guide, guide_kwargs=kwargs, epochs=args.epochs,
                            objective=args.objective, lr=1e-3, batch_size=64, seed=0)
-        run_dir = train_run(config, root / guide, progress=False, figures=False)
+        run_dir = train_run(config, root / guide, progress=False)
         r = evaluate_run(load_run(run_dir), num_samples=args.num_samples)
         rows.append({"guide": guide, **r})
     print("| guide | test ELBO | test NLL | gap -ELBO - NLL | active units |")

@@ -6,32 +6,27 @@ The decoder is a Pyro *model*, the encoder a Pyro *guide*, training is stochasti
     svi = pyro.infer.SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO())
     loss = svi.step(x)
 """
-from . import evaluation, objectives  # noqa: F401  (importing objectives registers the KL pairs)
+from . import evaluation, objectives, particles  # noqa: F401  (importing objectives registers the KL pairs)
+from .conditional import ConditionalVAE
 from .config import RunConfig
 from .data import DataError, Dataset, load_dataset
-from .guides import make_posterior
-from .likelihoods import make_likelihood
-from .runs import Run, evaluate_run, load_run
-from .training import fit, train_run
-from .conditional import ConditionalVAE
+from .guides import (CholeskyNormal, DiagonalLaplace, DiagonalNormal, DiagonalStudentT, IAFNormal, LowRankNormal,
+                     PosteriorFamily, make_posterior)
+from .likelihoods import Likelihood, make_likelihood
+from .objectives import AnalyticKLELBO, IWAEELBO, MonteCarloELBO, RenyiBound, make_objective
+from .particles import Particles
+from .runs import Run, evaluate_run, load_run, resume_run, train_run
+from .training import fit
 from .vae import VAE
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "VAE",
-    "ConditionalVAE",
-    "objectives",
-    "evaluation",
-    "RunConfig",
-    "Run",
-    "load_run",
-    "evaluate_run",
-    "fit",
-    "train_run",
-    "load_dataset",
-    "Dataset",
-    "DataError",
-    "make_likelihood",
-    "make_posterior",
+    "VAE", "ConditionalVAE",
+    "PosteriorFamily", "DiagonalNormal", "CholeskyNormal", "LowRankNormal", "IAFNormal", "DiagonalLaplace",
+    "DiagonalStudentT", "make_posterior", "Likelihood", "make_likelihood",
+    "Particles", "MonteCarloELBO", "AnalyticKLELBO", "IWAEELBO", "RenyiBound", "make_objective",
+    "objectives", "evaluation", "particles",
+    "RunConfig", "Run", "load_run", "evaluate_run", "fit", "train_run", "resume_run",
+    "load_dataset", "Dataset", "DataError",
 ]

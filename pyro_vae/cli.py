@@ -1,4 +1,4 @@
-"""The ``pyro-vae`` command: train, evaluate, sample, plot.
+"""The ``pyro-vae`` command: train, evaluate, sample, plot, gradient-variance.
 
 Bad input (an unknown option, a wrong value, missing data files) prints one line naming the problem and
 exits with status 2, leaving no half-written run directory.
@@ -10,7 +10,19 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from .config import RunConfig
+from .data import DATASETS, DataError, prepare_eval_data
+from .distributed import DistributedConfigError, world
+from .guides import POSTERIORS
+from .likelihoods import LIKELIHOODS
+from .networks import ACTIVATIONS
+from .objectives import ESTIMATORS, OBJECTIVES
+from .plots import draw_run_figures, save_samples
+from .runs import evaluate_run, load_run, resume_run, train_run
+from .studies import gradient_variance as study
+from .training import DivergenceError, resolve_device
 
 __all__ = ["main", "build_parser"]
 
@@ -28,24 +40,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
+def _number(convert, accept, what: str):
+    """An argparse type: ``convert(s)`` that must satisfy ``accept``; else "expected <what>, got 's'"."""
+    def parse(s):
+        try:
+            v = convert(s)
+        except ValueError:
+            v = None
+        if v is None or not accept(v):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
+        return v
+    return parse
 
 
-def _positive_float(s):
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
-    return v
+_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+_non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
+_positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive number")
+_unit_float = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def _hidden(s):
@@ -58,72 +69,118 @@ def _hidden(s):
     return sizes
 
 
-def _add_train(sub):
-    from .data import DATASETS
-    from .likelihoods import LIKELIHOODS
+# ---------------------------------------------------------------------------------------------- train
+def _train_options() -> list:
+    """(flag, RunConfig field or None, add_argument keywords) of every train option, choices read from the
+    registries when the parser is built. Defaults are None ("not given"), so --resume can tell which options
+    were passed; the help shows RunConfig's default."""
+    return [
+        ("--dataset", "dataset", dict(choices=list(DATASETS), help="dataset (digits is bundled: no files)")),
+        ("--data-dir", "data_dir", dict(help="folder holding the dataset files (default $PYRO_VAE_DATA or "
+                                             "~/.cache/pyro-vae/data)")),
+        ("--download", "download", dict(action="store_true", default=None,
+                                        help="allow torchvision to download missing files (needs internet)")),
+        ("--val-fraction", "val_fraction", dict(type=float, help="fraction of the training set held out for validation")),
+        ("--binarize", "binarize", dict(choices=["auto", "dynamic", "none"],
+                                        help="Bernoulli likelihood: auto binarizes grayscale data afresh each epoch, "
+                                             "dynamic always does, none requires binary data")),
+        ("--z-dim", "z_dim", dict(type=_positive_int, help="latent dimension")),
+        ("--hidden", "hidden", dict(type=_hidden, help="hidden layer sizes, e.g. 400 or 200,200")),
+        ("--activation", "activation", dict(choices=list(ACTIVATIONS), help="hidden-layer activation")),
+        ("--network", "network", dict(choices=["mlp", "conv"], help="encoder/decoder networks: MLPs or convolutional "
+                                                                    "(images with sides divisible by 4)")),
+        ("--likelihood", "likelihood", dict(choices=list(LIKELIHOODS), help="observation model p(x|z)")),
+        ("--sigma", "sigma", dict(help="gaussian likelihood: decoder | learned | a fixed positive number "
+                                       "(default decoder)")),
+        ("--guide", "guide", dict(choices=list(POSTERIORS), help="posterior family q(z|x)")),
+        ("--rank", None, dict(type=_positive_int, help="lowrank guide: rank of the covariance factor (default 2)")),
+        ("--flow-steps", None, dict(type=_positive_int, help="iaf guide: number of flow steps (default 2)")),
+        ("--conditional", "conditional", dict(action="store_true", default=None,
+                                              help="a conditional VAE on the class label")),
+        ("--prior", "prior", dict(choices=["standard", "learned"], help="conditional prior p(z|c): N(0, I) or a "
+                                                                        "network of c")),
+        ("--objective", "objective", dict(choices=list(OBJECTIVES), help="; ".join(
+            f"{name}: {spec.summary}" for name, spec in OBJECTIVES.items()))),
+        ("--num-particles", "num_particles", dict(type=_positive_int, help="samples of z per data point (K)")),
+        ("--estimator", "estimator", dict(choices=list(ESTIMATORS), help="iwae/renyi gradient estimator "
+                                                                         "(default iwae)")),
+        ("--alpha", "alpha", dict(type=_unit_float, help="renyi: alpha in [0, 1) (default 0.5)")),
+        ("--beta", "beta", dict(type=_positive_float, help="analytic: KL weight (beta-VAE; default 1)")),
+        ("--kl-warmup", "kl_warmup", dict(type=_non_negative_int, help="epochs to anneal beta from 0")),
+        ("--epochs", "epochs", dict(type=_positive_int, help="epochs to train (with --resume: the new total)")),
+        ("--batch-size", "batch_size", dict(type=_positive_int, help="minibatch size")),
+        ("--lr", "lr", dict(type=_positive_float, help="Adam learning rate")),
+        ("--seed", "seed", dict(type=int, help="seed of weights, data order and noise")),
+        ("--device", "device", dict(choices=["auto", "cpu", "cuda", "mps"], help="where to train")),
+        ("--checkpoint-every", None, dict(help="checkpoint interval: N epochs, or Nsteps (e.g. 500steps) for "
+                                               "optimizer steps (default 1 epoch)")),
+        ("--on-nan", "on_nan", dict(choices=["stop", "skip"], help="a non-finite loss stops training, or its step is "
+                                                                   "skipped (at most half an epoch)")),
+    ]
 
+#: options that may accompany --resume (everything else is fixed by the run's config.json)
+_RESUMABLE = {"epochs", "device"}
+
+
+def _add_train(sub):
     p = sub.add_parser("train", help="train a VAE and write a run directory",
                        description="Train a VAE by SVI and write config.json, metrics.jsonl, checkpoint.pt and "
-                                   "figures into a run directory.")
-    p.add_argument("--dataset", default=_D.dataset, choices=list(DATASETS))
-    p.add_argument("--data-dir", default=None, help="folder holding the dataset files ($PYRO_VAE_DATA)")
-    p.add_argument("--download", action="store_true", help="allow torchvision to download missing files")
-    p.add_argument("--val-fraction", type=float, default=_D.val_fraction)
-    p.add_argument("--binarize", default=_D.binarize, choices=["auto", "dynamic", "none"])
-    p.add_argument("--z-dim", type=_positive_int, default=_D.z_dim)
-    p.add_argument("--hidden", type=_hidden, default=_D.hidden, help="hidden sizes, e.g. 400 or 200,200")
-    p.add_argument("--activation", default=_D.activation)
-    p.add_argument("--network", default=_D.network, choices=["mlp", "conv"])
-    p.add_argument("--likelihood", default=_D.likelihood, choices=list(LIKELIHOODS))
-    p.add_argument("--sigma", default=None, help="gaussian likelihood: decoder | learned | a fixed number")
-    p.add_argument("--guide", default=_D.guide, help="posterior family: diagonal, cholesky, lowrank, iaf, laplace, studentt")
-    p.add_argument("--rank", type=_positive_int, default=None, help="rank of the lowrank guide")
-    p.add_argument("--flow-steps", type=_positive_int, default=None, help="number of IAF steps")
-    p.add_argument("--conditional", action="store_true", help="a conditional VAE on the class label")
-    p.add_argument("--prior", default=_D.prior, choices=["standard", "learned"],
-                   help="conditional prior p(z|c): N(0, I) or a network of c")
-    p.add_argument("--objective", default=_D.objective, help="elbo | analytic | iwae")
-    p.add_argument("--num-particles", type=_positive_int, default=_D.num_particles)
-    p.add_argument("--estimator", default=_D.estimator, choices=["iwae", "dreg", "stl"])
-    p.add_argument("--beta", type=_positive_float, default=_D.beta, help="KL weight (beta-VAE)")
-    p.add_argument("--kl-warmup", type=int, default=_D.kl_warmup, help="epochs to anneal beta from 0")
-    p.add_argument("--epochs", type=_positive_int, default=_D.epochs)
-    p.add_argument("--batch-size", type=_positive_int, default=_D.batch_size)
-    p.add_argument("--lr", type=_positive_float, default=_D.lr)
-    p.add_argument("--seed", type=int, default=_D.seed)
-    p.add_argument("--device", default=_D.device, choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--checkpoint-every", default=str(_D.checkpoint_every),
-                   help="checkpoint interval: N epochs, or Nsteps (e.g. 500steps) for optimizer steps")
-    p.add_argument("--on-nan", default=_D.on_nan, choices=["stop", "skip"],
-                   help="a non-finite loss stops training (default) or its step is skipped")
+                                   "figures into a run directory.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for flag, field, kwargs in _train_options():
+        kwargs = dict(kwargs)
+        if field is not None and kwargs.get("action") != "store_true" and getattr(_D, field) is not None:
+            kwargs["help"] += f" (default: {_format_default(getattr(_D, field))})"
+        kwargs.setdefault("default", None)
+        p.add_argument(flag, **kwargs)
     p.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")
-    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run from its last checkpoint")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue a run from its last checkpoint (only --epochs and --device may change)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
 
-def _cmd_train(args):
-    from .training import train_run
+def _format_default(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
-    guide_kwargs = {}
-    if args.rank is not None:
-        guide_kwargs["rank"] = args.rank
-    if args.flow_steps is not None:
-        guide_kwargs["flow_steps"] = args.flow_steps
-    every, steps = _checkpoint_interval(args.checkpoint_every)
-    config = RunConfig(
-        dataset=args.dataset, data_dir=args.data_dir, download=args.download, val_fraction=args.val_fraction,
-        binarize=args.binarize, z_dim=args.z_dim, hidden=args.hidden, activation=args.activation,
-        network=args.network, likelihood=args.likelihood, sigma=args.sigma, guide=args.guide,
-        guide_kwargs=guide_kwargs, conditional=args.conditional, prior=args.prior, objective=args.objective, num_particles=args.num_particles,
-        estimator=args.estimator, beta=args.beta, kl_warmup=args.kl_warmup, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-        checkpoint_every=every, checkpoint_steps=steps, on_nan=args.on_nan,
-    )
-    if args.resume and args.out:
-        raise UsageError("give either --resume RUN_DIR or --out DIR, not both")
-    run_dir = train_run(config, args.resume or args.out, resume=bool(args.resume), progress=not args.no_progress)
-    print(f"run written to {run_dir}")
+
+def _given(args) -> dict:
+    """RunConfig fields (and --rank/--flow-steps/--checkpoint-every) that were passed on the command line."""
+    given = {}
+    for flag, field, _ in _train_options():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            given[field or flag[2:].replace("-", "_")] = value
+    return given
+
+
+def _config(given: dict) -> RunConfig:
+    fields = {k: v for k, v in given.items() if k not in ("rank", "flow_steps", "checkpoint_every")}
+    guide_kwargs = {k: given[k] for k in ("rank", "flow_steps") if k in given}
+    if guide_kwargs:
+        fields["guide_kwargs"] = guide_kwargs
+    if "checkpoint_every" in given:
+        fields["checkpoint_every"], fields["checkpoint_steps"] = _checkpoint_interval(given["checkpoint_every"])
+    return RunConfig(**fields)
+
+
+def _cmd_train(args):
+    given = _given(args)
+    if args.resume:
+        if args.out:
+            raise UsageError("give either --resume RUN_DIR or --out DIR, not both")
+        fixed = sorted(set(given) - _RESUMABLE)
+        if fixed:
+            flags = ", ".join("--" + k.replace("_", "-") for k in fixed)
+            raise UsageError(f"{flags} cannot change a run being resumed (its config.json fixes them; only "
+                             "--epochs and --device can): start a new run with --out instead")
+        run_dir = resume_run(args.resume, epochs=given.get("epochs"), device=given.get("device"),
+                             progress=not args.no_progress)
+    else:
+        run_dir = train_run(_config(given), args.out, progress=not args.no_progress)
+    if world().rank == 0:
+        draw_run_figures(load_run(run_dir))
+        print(f"run written to {run_dir}")
 
 
 def _checkpoint_interval(text: str) -> tuple[int, int]:
@@ -136,120 +193,100 @@ def _checkpoint_interval(text: str) -> tuple[int, int]:
     return (1, int(num)) if steps else (int(num), 0)
 
 
+# ---------------------------------------------------------------------------------------------- evaluate
 def _add_evaluate(sub):
-    p = sub.add_parser("evaluate", help="test-set ELBO (and NLL) of a run -> RUN_DIR/eval.json")
+    p = sub.add_parser("evaluate", help="test-set ELBO (and NLL) of a run -> RUN_DIR/eval.json",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dir")
-    p.add_argument("--num-samples", type=int, default=0,
+    p.add_argument("--num-samples", type=_non_negative_int, default=0,
                    help="importance samples per test point for test_nll (e.g. 5000); 0 skips it")
-    p.add_argument("--batch-size", type=_positive_int, default=256)
-    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="test points per pass")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="where to evaluate")
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(args):
-    from .runs import evaluate_run, load_run
-    from .training import resolve_device
-
-    if args.num_samples < 0:
-        raise UsageError(f"--num-samples must be >= 0, got {args.num_samples}")
     run = load_run(args.run_dir)
     result = evaluate_run(run, num_samples=args.num_samples, batch_size=args.batch_size,
                           device=resolve_device(args.device), progress=True)
     print(json.dumps(result, indent=2))
 
 
+# ---------------------------------------------------------------------------------------------- sample / plot
 def _add_sample(sub):
-    p = sub.add_parser("sample", help="decode draws from the prior into an image grid")
+    p = sub.add_parser("sample", help="decode draws from the prior into an image grid",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dir")
     p.add_argument("-n", type=_positive_int, default=64, help="number of samples")
-    p.add_argument("--out", default=None, help="image path (default RUN_DIR/samples-N.png)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="image path (default RUN_DIR/samples-N[-labelK][-draw].png)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prior draws")
     p.add_argument("--draw", action="store_true", help="draw x ~ p(x|z) instead of showing E[x|z]")
     p.add_argument("--label", type=int, default=None, help="conditional runs: generate only this class")
     p.set_defaults(func=_cmd_sample)
 
 
 def _cmd_sample(args):
-    import torch
-
-    from .plots import save_samples
-    from .runs import load_run
-
     run = load_run(args.run_dir)
     torch.manual_seed(args.seed)
-    kwargs = {}
-    if run.vae.conditional:
-        if args.label is None:
-            raise UsageError("this run is conditional: give --label K to choose the class to generate")
-        if not 0 <= args.label < run.vae.num_classes:
-            raise UsageError(f"--label must be in [0, {run.vae.num_classes}), got {args.label}")
-        kwargs["label"] = args.label
-    elif args.label is not None:
-        raise UsageError("--label needs a conditional run (train with --conditional)")
-    suffix = f"-label{args.label}" if args.label is not None else ""
+    if args.label is None and run.vae.grid_conditions() is not None:
+        raise UsageError("this run is conditional: give --label K to choose the class to generate")
+    suffix = (f"-label{args.label}" if args.label is not None else "") + ("-draw" if args.draw else "")
     out = Path(args.out) if args.out else Path(args.run_dir) / f"samples-{args.n}{suffix}.png"
-    save_samples(run.vae, out, args.n, mean=not args.draw, **kwargs)
+    save_samples(run.vae, out, args.n, mean=not args.draw, label=args.label)
     print(f"samples written to {out}")
 
 
 def _add_plot(sub):
-    p = sub.add_parser("plot", help="redraw a run's figures")
+    p = sub.add_parser("plot", help="redraw a run's figures", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dir")
     p.add_argument("--latent", default="pca", choices=["pca", "tsne"], help="projection for z_dim > 2")
     p.set_defaults(func=_cmd_plot)
 
 
 def _cmd_plot(args):
-    from .plots import draw_run_figures
-    from .runs import load_run
-
     for path in draw_run_figures(load_run(args.run_dir), latent_method=args.latent):
         print(path)
 
 
+# ---------------------------------------------------------------------------------------------- studies
 def _add_gradient_variance(sub):
     p = sub.add_parser("gradient-variance",
-                       help="score-function vs reparameterization gradient variance (toy study or a run)")
+                       help="score-function vs reparameterization gradient variance (toy study or a run)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dir", nargs="?", help="a run whose encoder gradients to study")
     p.add_argument("--toy", action="store_true", help="the toy problem min_phi E_{x~N(phi,1)}[x^2]")
-    p.add_argument("--phi", type=float, default=1.0)
+    p.add_argument("--phi", type=float, default=1.0, help="toy: the parameter phi")
     p.add_argument("--repetitions", type=_positive_int, default=None,
                    help="gradient draws per estimator (default 1000 toy, 100 VAE)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="VAE study: the fixed minibatch size")
-    p.add_argument("--estimators", default=None, help="comma-separated, e.g. reparam,score,dreg-5")
-    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR, or gradient-variance/ for --toy)")
+    p.add_argument("--estimators", default=None, help="comma-separated, e.g. reparam,score,dreg-5 "
+                                                       "(default: all of them)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR, or runs/gradient-variance for --toy)")
     p.set_defaults(func=_cmd_gradient_variance)
 
 
 def _cmd_gradient_variance(args):
-    from . import estimators as est
-
     if args.toy == bool(args.run_dir):
         raise UsageError("give either --toy or a RUN_DIR")
     if args.toy:
-        rows = est.toy_gradient_study(phi=args.phi, repetitions=args.repetitions or 1000)
-        paths = est.write_toy_study(Path(args.out or "gradient-variance"), rows)
+        rows = study.toy_gradient_study(phi=args.phi, repetitions=args.repetitions or 1000)
+        paths = study.write_toy_study(Path(args.out or Path("runs") / "gradient-variance"), rows)
     else:
-        import torch
-
-        from .runs import load_run
-        from .training import prepare_eval_data
-
         run = load_run(args.run_dir)
-        if run.vae.conditional:
+        if run.config.conditional:
             raise UsageError("the gradient-variance study takes unconditional runs")
-        data = run.load_data()
-        x = prepare_eval_data(run.vae, data.x_test, run.config.binarize)[: args.batch_size]
-        names = args.estimators.split(",") if args.estimators else list(est.DEFAULT_VAE_ESTIMATORS)
+        x = prepare_eval_data(run.vae, run.load_data().x_test, run.config.binarize)[: args.batch_size]
+        names = args.estimators.split(",") if args.estimators else list(study.DEFAULT_VAE_ESTIMATORS)
         torch.manual_seed(0)
-        rows = est.vae_gradient_study(run.vae.model, run.vae.guide, list(run.vae.encoder.parameters()), x,
-                                      estimators=names, repetitions=args.repetitions or 100)
-        paths = est.write_vae_study(Path(args.out or args.run_dir), rows)
+        rows = study.vae_gradient_study(run.vae.model, run.vae.guide, list(run.vae.encoder.parameters()), x,
+                                        estimators=names, repetitions=args.repetitions or 100)
+        paths = study.write_vae_study(Path(args.out or args.run_dir), rows)
     print(Path(paths["md"]).read_text())
     for p in paths.values():
         print(p)
 
 
+# ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pyro-vae", description="Variational autoencoders the Pyro way.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -259,12 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from .data import DataError
-    from .distributed import DistributedConfigError
-    from .training import DivergenceError
-
+    args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except (UsageError, DataError, ValueError, FileNotFoundError, DistributedConfigError) as e:

@@ -5,6 +5,10 @@ Conditional ELBO: log p(x|c) >= E_q(z|x,c)[log p(x|z,c)] - KL(q(z|x,c) || p(z|c)
 The condition c is a class label (an integer vector, one-hot encoded inside) or any tensor (flattened), e.g.
 the visible quadrants of an image. The prior is N(0, I) (``prior="standard"``) or a network of c
 (``prior="learned"``): p(z|c) = N(mu(c), diag sigma(c)^2).
+
+Model, guide and their trace-free twin are :class:`~pyro_vae.vae.VAE`'s (every method takes ``(x, c)``);
+this class overrides the building blocks that see c: :meth:`ConditionalVAE.condition`, the networks' inputs,
+the prior and, for image completion, the likelihood's mask.
 """
 from __future__ import annotations
 
@@ -13,12 +17,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-import pyro
 import pyro.distributions as dist
 
+from .data import as_batch
 from .guides import DiagonalNormal
 from .networks import MLPDecoder, MLPEncoder
-from .vae import VAE, as_batch
+from .vae import VAE
 
 __all__ = ["ConditionalVAE"]
 
@@ -29,7 +33,7 @@ class ConditionalVAE(VAE):
     Args:
         input_shape: shape of one data point x.
         num_classes: condition on integer labels in [0, num_classes) (one-hot encoded).
-        condition_shape: or condition on float tensors of this per-point shape.
+        condition_shape: or condition on floating tensors of this per-point shape.
         prior: ``"standard"`` for p(z|c) = N(0, I), ``"learned"`` for a prior network of c.
         z_dim: latent dimension.
         likelihood: as for :class:`~pyro_vae.vae.VAE`.
@@ -41,8 +45,6 @@ class ConditionalVAE(VAE):
         missing_value: image completion (Sohn et al.'s quadrant task): the condition is the image itself with
             the unobserved pixels set to this value (e.g. -1), and log p(x|z,c) covers only those pixels.
     """
-
-    conditional = True
 
     def __init__(self, input_shape=(1, 28, 28), num_classes: int | None = None, condition_shape=None,
                  z_dim: int = 20, prior: str = "standard", likelihood="bernoulli", guide="diagonal",
@@ -72,56 +74,31 @@ class ConditionalVAE(VAE):
 
     # ----------------------------------------------------------------- the condition
     def condition(self, c) -> torch.Tensor:
-        """Labels -> one-hot (N, num_classes); tensors -> flattened float (N, condition_dim)."""
+        """Labels -> one-hot (N, num_classes); tensors -> flattened (N, condition_dim), in the model's dtype."""
+        if c is None:
+            raise ValueError("this VAE is conditional: give the condition c (e.g. class labels)")
         c = torch.as_tensor(c, device=self.prior_loc.device)
         if self.num_classes is not None:
             if c.dim() != 1 or torch.is_floating_point(c):
                 raise ValueError(f"expected integer labels of shape (batch,), got {tuple(c.shape)} {c.dtype}")
             if c.numel() and (int(c.min()) < 0 or int(c.max()) >= self.num_classes):
                 raise ValueError(f"labels must be in [0, {self.num_classes}), got {int(c.min())}..{int(c.max())}")
-            return F.one_hot(c.long(), self.num_classes).float()
-        return as_batch(c, self.condition_shape).float().flatten(1)
+            return F.one_hot(c.long(), self.num_classes).to(self.dtype)
+        return as_batch(c, self.condition_shape).to(self.dtype).flatten(1)
 
-    def _encode_params(self, x, c):
-        lead = x.shape[: x.dim() - len(self.input_shape)]
-        h = torch.cat([x.reshape(-1, math.prod(self.input_shape)), c.expand(*lead, -1).reshape(-1, c.shape[-1])], -1)
-        return self.encoder(h).reshape(*lead, self.posterior.num_params)
+    def label_condition(self, label: int, n: int) -> torch.Tensor:
+        """``n`` copies of class ``label``."""
+        if self.num_classes is None:
+            raise ValueError("this conditional VAE takes tensor conditions, not labels: pass c=")
+        if not 0 <= int(label) < self.num_classes:
+            raise ValueError(f"label must be in [0, {self.num_classes}), got {label}")
+        return torch.full((int(n),), int(label), dtype=torch.long)
 
-    def _decode_params(self, z, c):
-        lead = z.shape[:-1]
-        h = torch.cat([z.reshape(-1, self.z_dim), c.expand(*lead, -1).reshape(-1, c.shape[-1])], -1)
-        return self.decoder(h).reshape(*lead, self.likelihood.num_params, *self.input_shape)
-
-    def prior(self, c: torch.Tensor | None = None) -> dist.TorchDistribution:
-        """p(z|c): N(0, I), or N(mu(c), diag sigma(c)^2) from the prior network."""
-        if self.prior_kind == "standard" or c is None:
-            return super().prior()
-        return self.prior_family(self.prior_net(c))
-
-    # ----------------------------------------------------------------- the two Pyro programs
-    def model(self, x=None, c=None, *, mask=None):
-        """p(z|c) p(x|z,c); ``mask`` restricts log p(x|z,c) to some pixels (e.g. the missing quadrants)."""
-        if c is None:
-            raise ValueError("the conditional model needs a condition c")
-        pyro.module("decoder", self.decoder)
-        if self.prior_kind == "learned":
-            pyro.module("prior_net", self.prior_net)
-        mask = self.missing_mask(c) if mask is None else mask
-        c = self.condition(c)
-        if x is not None:
-            x = as_batch(x, self.input_shape)
-        with pyro.plate("data", c.shape[0]):
-            z = pyro.sample("z", self.prior(c))
-            return pyro.sample("x", self.likelihood(self._decode_params(z, c), mask=mask), obs=x)
-
-    def guide(self, x, c=None, *, mask=None):
-        """q(z|x,c)."""
-        if c is None:
-            raise ValueError("the conditional guide needs a condition c")
-        pyro.module("encoder", self.encoder)
-        x, c = as_batch(x, self.input_shape), self.condition(c)
-        with pyro.plate("data", x.shape[0]):
-            return pyro.sample("z", self.posterior(self._encode_params(x, c)))
+    def grid_conditions(self, per_class: int = 8):
+        """Labels 0..num_classes-1, each repeated ``per_class`` times (one figure row per class)."""
+        if self.num_classes is None:
+            return None
+        return torch.arange(self.num_classes).repeat_interleave(per_class)
 
     def missing_mask(self, c):
         """For image completion: True where the condition marks a pixel as unobserved (else None)."""
@@ -129,32 +106,30 @@ class ConditionalVAE(VAE):
             return None
         return as_batch(torch.as_tensor(c), self.input_shape) == self.missing_value
 
-    # ----------------------------------------------------------------- helpers
-    def encode(self, x, c=None):
-        x, c = as_batch(x, self.input_shape), self.condition(c)
-        return self.posterior(self._encode_params(x, c))
+    def likelihood_mask(self, c=None, mask=None):
+        """``mask`` if given, else the unobserved pixels of an image-completion condition (else all pixels)."""
+        return self.missing_mask(c) if mask is None and c is not None else mask
 
-    def posterior_mean(self, x, c=None):
-        x, c = as_batch(x, self.input_shape), self.condition(c)
-        return self.posterior.mean(self._encode_params(x, c))
+    # ----------------------------------------------------------------- networks and prior of (x, c)
+    def prior(self, cond=None) -> dist.TorchDistribution:
+        """p(z|c): N(0, I), or N(mu(c), diag sigma(c)^2) from the prior network."""
+        if self.prior_kind == "standard" or cond is None:
+            return super().prior()
+        return self.prior_family(self.prior_net(cond))
 
-    @torch.no_grad()
-    def reconstruct(self, x, c=None, sample_z: bool = False):
-        x, cc = as_batch(x, self.input_shape), self.condition(c)
-        params = self._encode_params(x, cc)
-        z = self.posterior(params).sample() if sample_z else self.posterior.mean(params)
-        return self.likelihood.mean(self._decode_params(z, cc))
+    def _encode_params(self, x, cond=None):
+        lead = x.shape[: x.dim() - len(self.input_shape)]
+        h = torch.cat([x.reshape(-1, math.prod(self.input_shape)),
+                       cond.expand(*lead, -1).reshape(-1, cond.shape[-1])], -1)
+        return self.encoder(h).reshape(*lead, self.posterior.num_params)
 
-    @torch.no_grad()
-    def sample(self, n: int, mean: bool = True, c=None, label: int | None = None):
-        """n draws z ~ p(z|c) decoded; give ``label=k`` for class k, or ``c`` (n conditions)."""
-        if c is None:
-            if label is None:
-                raise ValueError("sampling a conditional VAE needs label= or c=")
-            c = torch.full((int(n),), int(label), dtype=torch.long)
-        cc = self.condition(c)
-        if cc.shape[0] != n:
-            raise ValueError(f"sampling {n} points needs {n} conditions, got {cc.shape[0]}")
-        z = self.prior(cc).sample() if self.prior_kind == "learned" else self.prior().expand([int(n)]).sample()
-        out = self._decode_params(z, cc)
-        return self.likelihood.mean(out) if mean else self.likelihood(out).sample()
+    def _decode_params(self, z, cond=None):
+        lead = z.shape[:-1]
+        h = torch.cat([z.reshape(-1, self.z_dim), cond.expand(*lead, -1).reshape(-1, cond.shape[-1])], -1)
+        return self.decoder(h).reshape(*lead, self.likelihood.num_params, *self.input_shape)
+
+    def _model_modules(self) -> dict:
+        modules = super()._model_modules()
+        if self.prior_kind == "learned":
+            modules["prior_net"] = self.prior_net
+        return modules

@@ -8,6 +8,7 @@ where to put it.
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Dataset", "DataError", "load_dataset", "check_data", "binarize", "DATASETS", "default_data_dir"]
+__all__ = ["Dataset", "DataError", "load_dataset", "check_data", "check_labels", "binarize", "is_binary",
+           "needs_binarization", "prepare_eval_data", "as_batch", "from_arrays", "DATASETS", "default_data_dir"]
 
 #: the test (and validation) sets of Bernoulli runs are binarized once with this seed
 TEST_BINARIZATION_SEED = 20150101
@@ -54,10 +56,30 @@ def _cache_dir() -> Path:
 
 
 # --------------------------------------------------------------------------- validation
+def as_batch(x, input_shape) -> torch.Tensor:
+    """Return ``x`` as a floating tensor of shape (N, *input_shape); flat (N, prod(input_shape)) is reshaped.
+
+    Raises ValueError naming the expected and the received shape otherwise.
+    """
+    x = torch.as_tensor(x)
+    if not torch.is_floating_point(x):
+        x = x.float()
+    shape = tuple(input_shape)
+    if x.dim() >= 1 and tuple(x.shape[1:]) == shape:
+        return x
+    if x.dim() == 2 and x.shape[1] == math.prod(shape):
+        return x.reshape(-1, *shape)
+    raise ValueError(
+        f"expected data of shape (batch, {', '.join(map(str, shape))}) or (batch, {math.prod(shape)}), "
+        f"got {tuple(x.shape)}"
+    )
+
+
 def check_data(x, input_shape=None, name: str = "data") -> torch.Tensor:
     """Validate a data tensor: non-empty, floating, finite, and of the expected per-point shape.
 
-    Returns ``x`` as a float32 tensor; raises :class:`DataError` naming the problem.
+    Returns ``x`` as a floating tensor (integers become float32; float64 stays float64); raises
+    :class:`DataError` naming the problem.
     """
     if isinstance(x, np.ndarray):
         if x.dtype == object or not np.issubdtype(x.dtype, np.number):
@@ -67,15 +89,14 @@ def check_data(x, input_shape=None, name: str = "data") -> torch.Tensor:
         raise DataError(f"{name} must be a torch tensor, a numpy array or a DataLoader, got {type(x).__name__}")
     if x.dtype == torch.bool or x.is_complex():
         raise DataError(f"{name} must be real-valued, got dtype {x.dtype}")
-    x = x.float()
+    if not torch.is_floating_point(x):
+        x = x.float()
     if x.dim() < 2:
         raise DataError(f"{name} must have a batch dimension and at least one feature dimension, got shape "
                         f"{tuple(x.shape)}")
     if x.shape[0] == 0:
         raise DataError(f"{name} is empty (0 data points)")
     if input_shape is not None:
-        from .vae import as_batch
-
         try:
             x = as_batch(x, input_shape)
         except ValueError as e:
@@ -109,6 +130,28 @@ def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch
 
 def is_binary(x: torch.Tensor) -> bool:
     return bool(((x == 0) | (x == 1)).all())
+
+
+BINARIZE_MODES = ("auto", "dynamic", "none")
+
+
+def needs_binarization(likelihood, x: torch.Tensor, mode: str = "auto") -> bool:
+    """Whether ``x`` is binarized for ``likelihood``: ``"dynamic"`` always for a binary likelihood,
+    ``"auto"`` when the data are not already binary, ``"none"`` never."""
+    if mode not in BINARIZE_MODES:
+        raise ValueError(f"unknown binarize mode {mode!r}; choose {', '.join(BINARIZE_MODES)}")
+    if mode == "none" or not likelihood.binary:
+        return False
+    return mode == "dynamic" or not is_binary(x)
+
+
+def prepare_eval_data(vae, x: torch.Tensor, binarize_mode: str = "auto") -> torch.Tensor:
+    """Validation / test data as ``vae.likelihood`` sees it: a binary likelihood's data are binarized once, with
+    a fixed seed, so every run and every evaluation uses the same binary test set. Checked for its support."""
+    if needs_binarization(vae.likelihood, x, binarize_mode):
+        x = binarize(x, torch.Generator(device=x.device).manual_seed(TEST_BINARIZATION_SEED))
+    vae.likelihood.check_data(x)
+    return x
 
 
 # --------------------------------------------------------------------------- splits

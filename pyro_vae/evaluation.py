@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch.distributions import Distribution, Independent, LowRankMultivariateNormal, MultivariateNormal, Normal
 
-from .objectives._weights import CellLayout, guess_plate_nesting, particle_log_weights
+from .particles import Particles, draw_particles, guess_plate_nesting
 
 __all__ = ["elbo", "log_likelihood", "chunk_size_for_budget", "bytes_per_particle", "streaming_logsumexp",
            "posterior_means", "latent_activity", "active_units", "kl_per_dimension", "DEFAULT_MEMORY_BUDGET",
@@ -87,12 +87,21 @@ def _progress(enabled: bool, total: int | None, desc: str):
     return tqdm(total=total, desc=desc, unit="pt", disable=not enabled, leave=False)
 
 
-def _per_point(cell_values: torch.Tensor, layout: CellLayout) -> torch.Tensor:
-    """Sum per-cell values over every kept plate but the outermost (the batch plate): shape (B,)."""
-    if not layout.kept:
-        raise ValueError("per-data-point evaluation needs every sample site of model and guide inside a common "
-                         "batch plate, e.g. `with pyro.plate('data', len(x)):`; found no plate shared by all sites")
-    return cell_values.reshape(cell_values.shape[0], -1).sum(-1)
+def _drawer(model, guide) -> Callable[[tuple, int], Particles]:
+    """``draw(args, K)``: K particles of one batch, from the model's twin or traced (the plate nesting of a
+    traced model guessed once, on the first batch)."""
+    nesting: list[int] = []
+
+    def plate_nesting(args):
+        if not nesting:
+            nesting.append(guess_plate_nesting(model, guide, args, {}))
+        return nesting[0]
+
+    def draw(args: tuple, num_particles: int) -> Particles:
+        return draw_particles(model, guide, args, {}, num_particles=num_particles,
+                              plate_nesting=lambda: plate_nesting(args))
+
+    return draw
 
 
 # ---------------------------------------------------------------------------------------------- ELBO
@@ -105,13 +114,11 @@ def elbo(model: Callable, guide: Callable, data, *, num_particles: int = 1, batc
 
     (unscaled by any subsampling factor; particles vectorized). Its mean over data points is the test ELBO.
     """
-    out, nesting = [], None
+    out, draw = [], _drawer(model, guide)
     with _progress(progress, _num_points(data), "elbo") as bar:
         for args in _batches(data, batch_size):
-            if nesting is None:
-                nesting = guess_plate_nesting(model, guide, args, {})
-            log_w, layout = particle_log_weights(model, guide, args, {}, int(num_particles), nesting)
-            out.append(_per_point(log_w.mean(0), layout))
+            p = draw(args, int(num_particles))
+            out.append(p.per_point(p.log_weights.mean(0)))
             bar.update(len(out[-1]))
     return torch.cat(out)
 
@@ -200,44 +207,26 @@ def log_likelihood(model: Callable, guide: Callable, data, num_samples: int = 50
     if (torch.is_tensor(data) or _is_tensor_tuple(data)) and batch_size is None:
         x = _first(data)
         batch_size = _auto_batch_size(memory_budget, num_samples, chunk_size, x[0].numel(), x.element_size())
-    out, nesting = [], None
+    out, draw = [], _drawer(model, guide)
     with _progress(progress, _num_points(data), f"log p(x), K={num_samples}") as bar:
         for args in _batches(data, batch_size):
-            x = args[0]
-            if nesting is None and _own(model, guide):
-                nesting = 1
-            if nesting is None:
-                nesting = guess_plate_nesting(model, guide, args, {})
-            chunk = int(chunk_size or _default_chunk(memory_budget, x))
-            out.append(_batch_log_likelihood(model, guide, args, num_samples, min(chunk, num_samples), nesting))
+            chunk = min(int(chunk_size or _default_chunk(memory_budget, args[0])), num_samples)
+            out.append(_batch_log_likelihood(draw, args, num_samples, chunk))
             bar.update(len(out[-1]))
     return torch.cat(out)
 
 
-def _own(model, guide) -> bool:
-    from .direct import own_vae
-
-    return own_vae(model, guide) is not None
-
-
-def _batch_log_likelihood(model, guide, args: tuple, num_samples: int, chunk: int, nesting: int) -> torch.Tensor:
-    from .direct import own_vae, particle_log_weights as direct_log_weights
-
-    vae = own_vae(model, guide)
-    if vae is not None:  # a VAE's own model and guide: the same weights without tracing (pyro_vae.direct)
-        chunks = (direct_log_weights(vae, *args, num_particles=min(chunk, num_samples - start))
-                  for start in range(0, num_samples, chunk))
-        return streaming_logsumexp(chunks) - math.log(num_samples)
-    layouts = []
+def _batch_log_likelihood(draw, args: tuple, num_samples: int, chunk: int) -> torch.Tensor:
+    """logsumexp_k log w_k - log K per data point of one batch, K particles drawn ``chunk`` at a time."""
+    draws = []
 
     def chunks():
         for start in range(0, num_samples, chunk):
-            log_w, layout = particle_log_weights(model, guide, args, {}, min(chunk, num_samples - start), nesting)
-            layouts.append(layout)
-            yield log_w
+            draws.append(draw(args, min(chunk, num_samples - start)))
+            yield draws[-1].log_weights
 
     log_sum = streaming_logsumexp(chunks())
-    return _per_point(log_sum - math.log(num_samples), layouts[-1])
+    return draws[-1].per_point(log_sum - math.log(num_samples))
 
 
 # ---------------------------------------------------------------------------------------------- latents

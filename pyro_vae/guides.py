@@ -65,21 +65,37 @@ def positive(raw: torch.Tensor) -> torch.Tensor:
     return F.softplus(raw) + _MIN_SCALE
 
 
+#: how a family maps raw encoder outputs to positive scales (``scale_param=``, ``--scale-param``)
+SCALE_PARAMS = {"softplus": positive, "exp": torch.exp}
+
+
 def _softplus_inverse(y: float) -> float:
     """x with softplus(x) == y, for y > 0 (used to initialize raw parameters)."""
     return y + math.log(-math.expm1(-y))
 
 
 class PosteriorFamily(nn.Module):
-    """Base class: maps encoder features to q(z|x)."""
+    """Base class: maps encoder features to q(z|x).
+
+    ``scale_param`` chooses how raw encoder outputs become positive scales: ``"softplus"`` (default),
+    sigma = softplus(raw) + 1e-5, or ``"exp"``, sigma = exp(raw) (the raw output is log sigma, as in most
+    reference VAE code).
+    """
 
     num_params: int
 
-    def __init__(self, z_dim: int):
+    def __init__(self, z_dim: int, scale_param: str = "softplus"):
         super().__init__()
         if int(z_dim) < 1:
             raise ValueError(f"z_dim must be a positive integer, got {z_dim!r}")
+        if scale_param not in SCALE_PARAMS:
+            raise ValueError(f"unknown scale_param {scale_param!r}; choose one of {', '.join(SCALE_PARAMS)}")
         self.z_dim = int(z_dim)
+        self.scale_param = scale_param
+
+    def positive(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw encoder outputs -> positive scales, by ``scale_param``."""
+        return SCALE_PARAMS[self.scale_param](raw)
 
     def _check(self, params: torch.Tensor) -> torch.Tensor:
         """Raise a ValueError unless ``params`` has shape (..., num_params)."""
@@ -99,56 +115,57 @@ class PosteriorFamily(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- factorized
-class DiagonalNormal(PosteriorFamily):
-    """Factorized Gaussian posterior q(z|x) = N(mu(x), diag sigma(x)^2).
+class _FactorizedLocScale(PosteriorFamily):
+    """A factorized location-scale family: features (mu, raw scale), q = prod_i base(mu_i, scale_i)."""
 
-    The encoder emits ``2 * z_dim`` features: mu and a raw scale mapped through
-    :func:`positive`. Reparameterization: z = mu + sigma * eps, eps ~ N(0, I)
-    (Kingma & Welling, 2014).
-    """
-
-    def __init__(self, z_dim: int):
-        super().__init__(z_dim)
+    def __init__(self, z_dim: int, scale_param: str = "softplus"):
+        super().__init__(z_dim, scale_param)
         self.num_params = 2 * self.z_dim
+
+    def coordinates(self, loc: torch.Tensor, scale: torch.Tensor) -> dist.TorchDistribution:
+        raise NotImplementedError
 
     def forward(self, params):
         loc, raw = self._check(params).split(self.z_dim, dim=-1)
-        return dist.Normal(loc, positive(raw)).to_event(1)
+        return self.coordinates(loc, self.positive(raw)).to_event(1)
 
     def mean(self, params):
         return self._check(params)[..., : self.z_dim]
 
 
-class DiagonalLaplace(PosteriorFamily):
+class DiagonalNormal(_FactorizedLocScale):
+    """Factorized Gaussian posterior q(z|x) = N(mu(x), diag sigma(x)^2).
+
+    The encoder emits ``2 * z_dim`` features: mu and a raw scale mapped to sigma > 0 (``scale_param``).
+    Reparameterization: z = mu + sigma * eps, eps ~ N(0, I) (Kingma & Welling, 2014).
+    """
+
+    def coordinates(self, loc, scale):
+        return dist.Normal(loc, scale)
+
+
+class DiagonalLaplace(_FactorizedLocScale):
     """Factorized Laplace posterior q(z|x) = prod_i Laplace(z_i; mu_i(x), b_i(x)).
 
-    Density per coordinate: (1 / 2b) exp(-|z - mu| / b); b = :func:`positive` (raw). The encoder emits
-    ``2 * z_dim`` features (mu, raw b). Reparameterized through the inverse CDF,
+    Density per coordinate: (1 / 2b) exp(-|z - mu| / b), b > 0 from the raw feature (``scale_param``). The
+    encoder emits ``2 * z_dim`` features (mu, raw b). Reparameterized through the inverse CDF,
     z = mu - b sign(u) log(1 - 2|u|), u ~ U(-1/2, 1/2).
 
     KL(q || N(0, I)) is closed form per coordinate (torch registers Laplace || Normal):
     -log(2b) - 1 + log(2 pi)/2 + (mu^2 + 2 b^2)/2.
     """
 
-    def __init__(self, z_dim: int):
-        super().__init__(z_dim)
-        self.num_params = 2 * self.z_dim
-
-    def forward(self, params):
-        loc, raw = self._check(params).split(self.z_dim, dim=-1)
-        return dist.Laplace(loc, positive(raw)).to_event(1)
-
-    def mean(self, params):
-        return self._check(params)[..., : self.z_dim]
+    def coordinates(self, loc, scale):
+        return dist.Laplace(loc, scale)
 
 
-class DiagonalStudentT(PosteriorFamily):
+class DiagonalStudentT(_FactorizedLocScale):
     """Factorized Student-t posterior q(z|x) = prod_i t_nu_i(z_i; mu_i(x), s_i(x)).
 
     Density per coordinate: Gamma((nu+1)/2) / (Gamma(nu/2) sqrt(nu pi) s) (1 + ((z - mu)/s)^2 / nu)^(-(nu+1)/2),
-    with s = :func:`positive` (raw). The encoder emits ``2 * z_dim`` features (mu, raw s); the degrees of
-    freedom nu are global, not amortized: fixed at ``df`` or, with ``learn_df=True``, one learned value per
-    latent dimension, nu_i = 2 + softplus(r_i), initialized at ``df``.
+    with s > 0 from the raw feature (``scale_param``). The encoder emits ``2 * z_dim`` features (mu, raw s);
+    the degrees of freedom nu are global, not amortized: fixed at ``df`` or, with ``learn_df=True``, one
+    learned value per latent dimension, nu_i = 2 + softplus(r_i), initialized at ``df``.
 
     nu must exceed 2: against the N(0, I) prior the ELBO contains E_q[-|z|^2 / 2], which is -inf when q
     has no finite variance (nu <= 2). Sampling is reparameterized (z = mu + s * eps / sqrt(chi2_nu / nu)).
@@ -158,14 +175,14 @@ class DiagonalStudentT(PosteriorFamily):
         z_dim: latent dimension d.
         df: degrees of freedom nu (> 2), fixed, or the initial value with ``learn_df``.
         learn_df: learn one nu per latent dimension (a parameter of the family, not of the encoder).
+        scale_param: ``"softplus"`` or ``"exp"``.
     """
 
-    def __init__(self, z_dim: int, df: float = 5.0, learn_df: bool = False):
-        super().__init__(z_dim)
+    def __init__(self, z_dim: int, df: float = 5.0, learn_df: bool = False, scale_param: str = "softplus"):
+        super().__init__(z_dim, scale_param)
         df = float(df)
         if not (2.0 < df < math.inf):
             raise ValueError(f"studentt guide needs 2 < df < inf (finite variance), got df={df!r}")
-        self.num_params = 2 * self.z_dim
         self.learn_df = bool(learn_df)
         if self.learn_df:
             self.df_raw = nn.Parameter(torch.full((self.z_dim,), _softplus_inverse(df - 2.0)))
@@ -176,13 +193,8 @@ class DiagonalStudentT(PosteriorFamily):
         """Degrees of freedom per latent dimension, shape (z_dim,)."""
         return 2.0 + F.softplus(self.df_raw) if self.learn_df else self._df
 
-    def forward(self, params):
-        loc, raw = self._check(params).split(self.z_dim, dim=-1)
-        df = self.df().to(loc.dtype).expand_as(loc)
-        return dist.StudentT(df, loc, positive(raw)).to_event(1)
-
-    def mean(self, params):
-        return self._check(params)[..., : self.z_dim]
+    def coordinates(self, loc, scale):
+        return dist.StudentT(self.df().to(loc.dtype).expand_as(loc), loc, scale)
 
 
 # --------------------------------------------------------------------------------------------- full / low rank
@@ -205,8 +217,8 @@ class CholeskyNormal(PosteriorFamily):
     O(d^2) sample / O(d^2) log-density (triangular solve), against O(d) for :class:`DiagonalNormal`.
     """
 
-    def __init__(self, z_dim: int):
-        super().__init__(z_dim)
+    def __init__(self, z_dim: int, scale_param: str = "softplus"):
+        super().__init__(z_dim, scale_param)
         d = self.z_dim
         self.num_off = d * (d - 1) // 2
         self.num_params = 2 * d + self.num_off
@@ -223,7 +235,7 @@ class CholeskyNormal(PosteriorFamily):
     def scale_tril(self, params: torch.Tensor) -> torch.Tensor:
         """L = diag(s) U, shape (..., d, d): lower triangular with diagonal s = positive(raw)."""
         _, raw, off = self._check(params).split([self.z_dim, self.z_dim, self.num_off], dim=-1)
-        return positive(raw).unsqueeze(-1) * self.unit_lower(off)
+        return self.positive(raw).unsqueeze(-1) * self.unit_lower(off)
 
     def forward(self, params):
         loc = self._check(params)[..., : self.z_dim]
@@ -244,13 +256,17 @@ class LowRankNormal(PosteriorFamily):
 
     Args:
         z_dim: latent dimension d.
-        rank: number of columns of W (``--rank`` on the command line).
+        rank: number of columns of W (``--rank`` on the command line), at most z_dim.
+        scale_param: ``"softplus"`` or ``"exp"`` for sigma.
     """
 
-    def __init__(self, z_dim: int, rank: int = 2):
-        super().__init__(z_dim)
+    def __init__(self, z_dim: int, rank: int = 2, scale_param: str = "softplus"):
+        super().__init__(z_dim, scale_param)
         if isinstance(rank, bool) or int(rank) != rank or int(rank) < 1:
             raise ValueError(f"lowrank guide needs a positive integer rank, got rank={rank!r}")
+        if int(rank) > self.z_dim:
+            raise ValueError(f"lowrank guide needs rank <= z_dim, got rank={rank} > z_dim={self.z_dim} (rank z_dim "
+                             "is already a full covariance: use the cholesky guide)")
         self.rank = int(rank)
         self.num_params = self.z_dim * (self.rank + 2)
 
@@ -258,7 +274,7 @@ class LowRankNormal(PosteriorFamily):
         d = self.z_dim
         loc, factor, raw = self._check(params).split([d, d * self.rank, d], dim=-1)
         factor = factor.reshape(*factor.shape[:-1], d, self.rank)
-        return dist.LowRankMultivariateNormal(loc, factor, positive(raw) ** 2)
+        return dist.LowRankMultivariateNormal(loc, factor, self.positive(raw) ** 2)
 
     def mean(self, params):
         return self._check(params)[..., : self.z_dim]
@@ -300,11 +316,12 @@ class IAFNormal(PosteriorFamily):
         context_dim: size of the context h the encoder emits (default d).
         hidden_dims: hidden layer sizes of each step's MADE network, each >= d (default [10 d]).
         stable: use the gated update of Eq. 14 (default) instead of Eq. 10.
+        scale_param: ``"softplus"`` or ``"exp"`` for the base sigma.
     """
 
     def __init__(self, z_dim: int, flow_steps: int = 2, context_dim: int | None = None,
-                 hidden_dims=None, stable: bool = True):
-        super().__init__(z_dim)
+                 hidden_dims=None, stable: bool = True, scale_param: str = "softplus"):
+        super().__init__(z_dim, scale_param)
         d = self.z_dim
         if isinstance(flow_steps, bool) or int(flow_steps) != flow_steps or int(flow_steps) < 1:
             raise ValueError(f"iaf guide needs a positive integer flow_steps, got flow_steps={flow_steps!r}")
@@ -346,7 +363,7 @@ class IAFNormal(PosteriorFamily):
 
     def forward(self, params):
         loc, raw, context = self.split(params)
-        base = dist.Normal(loc, positive(raw)).to_event(1)
+        base = dist.Normal(loc, self.positive(raw)).to_event(1)
         return dist.TransformedDistribution(base, self.transforms(context))
 
     def mean(self, params):

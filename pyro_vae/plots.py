@@ -13,10 +13,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import save_image  # noqa: E402
 import numpy as np  # noqa: E402
-from typing import Mapping, Sequence  # noqa: E402
 
-__all__ = ["save_samples", "save_reconstructions", "plot_latent", "plot_curves", "draw_run_figures",
-           "latent_2d", "plot_gradient_variance", "plot_vae_gradient_study"]
+from .data import prepare_eval_data  # noqa: E402
+
+__all__ = ["save_samples", "save_reconstructions", "plot_latent", "plot_curves", "draw_run_figures", "latent_2d"]
 
 
 def _grid_images(x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ def save_samples(vae, path, n: int = 64, nrow: int | None = None, mean: bool = T
 def save_reconstructions(vae, x: torch.Tensor, path, n: int = 32, c=None) -> Path:
     """Pairs of rows: originals, then their reconstructions E[x|z=mean of q(z|x)]."""
     x = x[:n]
-    r = vae.reconstruct(x) if c is None else vae.reconstruct(x, c[:n])
+    r = vae.reconstruct(x, None if c is None else c[:n])
     per_row = min(8, n)
     rows = []
     for i in range(0, x.shape[0], per_row):
@@ -53,8 +53,6 @@ def latent_2d(z: torch.Tensor, method: str = "pca", seed: int = 0):
     """Project posterior means to 2-d: the coordinates themselves when d <= 2, else PCA or t-SNE."""
     z = z.detach().cpu().numpy()
     if z.shape[1] == 1:
-        import numpy as np
-
         return np.concatenate([z, np.zeros_like(z)], 1), "z"
     if z.shape[1] == 2:
         return z, "z"
@@ -70,9 +68,10 @@ def latent_2d(z: torch.Tensor, method: str = "pca", seed: int = 0):
 
 
 def plot_latent(vae, x: torch.Tensor, labels, path, method: str = "pca", title: str | None = None) -> Path:
-    """The posterior means of ``x`` coloured by label (the "encodings of MNIST" picture)."""
+    """The posterior means of ``x`` coloured by label (the "encodings of MNIST" picture); a conditional VAE
+    encodes with the labels as its condition."""
     with torch.no_grad():
-        z = vae.posterior_mean(x, labels) if vae.conditional else vae.posterior_mean(x)
+        z = vae.posterior_mean(x, labels)
     pts, how = latent_2d(z, method)
     fig, ax = plt.subplots(figsize=(6, 5))
     c = None if labels is None else labels.cpu().numpy()
@@ -107,84 +106,23 @@ def plot_curves(metrics: list[dict], path) -> Path:
 
 
 def draw_run_figures(run, data=None, latent_method: str = "pca") -> list[Path]:
-    """(Re)draw samples.png, reconstructions.png, latent.png and curves.png in the run directory."""
-    from .training import prepare_eval_data
+    """(Re)draw samples.png, reconstructions.png, latent.png and curves.png in the run directory.
 
+    A label-conditional VAE's samples show one row per class; its reconstructions and encodings use the
+    test labels as conditions (a plain VAE ignores them)."""
     data = data if data is not None else run.load_data()
     vae, d = run.vae.cpu().eval(), Path(run.dir)
     torch.manual_seed(0)
     x_test = prepare_eval_data(vae, data.x_test, run.config.binarize)
-    if vae.conditional:  # one row per class
-        k = vae.num_classes
-        labels = torch.arange(k).repeat_interleave(8)
-        x = vae.sample(len(labels), c=labels)
-        save_image(_grid_images(x.cpu()), d / "samples.png", nrow=8, padding=1, pad_value=0.5)
-        samples = d / "samples.png"
-    else:
-        samples = save_samples(vae, d / "samples.png", 64)
+    conditions = vae.grid_conditions(per_class=8)
+    n = 64 if conditions is None else len(conditions)
+    samples = save_samples(vae, d / "samples.png", n, nrow=8, c=conditions)
+    labels = None if data.y_test is None else data.y_test[:2000]
     paths = [
         samples,
-        save_reconstructions(vae, x_test, d / "reconstructions.png", c=data.y_test if vae.conditional else None),
-        plot_latent(vae, x_test[:2000], None if data.y_test is None else data.y_test[:2000], d / "latent.png",
-                    latent_method),
+        save_reconstructions(vae, x_test, d / "reconstructions.png", c=data.y_test),
+        plot_latent(vae, x_test[:2000], labels, d / "latent.png", latent_method),
     ]
     if run.metrics:
         paths.append(plot_curves(run.metrics, d / "curves.png"))
     return paths
-
-
-# ----------------------------------------------------------------- gradient-variance studies
-_STYLE = {"score_function": ("tab:red", "o", "score function"),
-          "reparameterization": ("tab:blue", "s", "reparameterization")}
-
-
-def plot_gradient_variance(rows: Sequence[Mapping], path) -> Path:
-    """Log-log plot of the variance of the N-sample gradient estimate against N, one colour per estimator.
-
-    Empirical variances are markers (with +-1 standard-error bars from ``se_variance_closed_form`` when
-    present); closed forms ``closed_form_variance`` are lines. Rows as from ``toy_gradient_study``.
-    """
-    fig, ax = plt.subplots(figsize=(5.5, 4.0))
-    names = list(dict.fromkeys(r["estimator"] for r in rows))
-    for i, name in enumerate(names):
-        sel = sorted((r for r in rows if r["estimator"] == name), key=lambda r: r["N"])
-        n = np.array([r["N"] for r in sel], dtype=float)
-        color, marker, label = _STYLE.get(name, (f"C{i}", "o", name))
-        ax.plot(n, [r["closed_form_variance"] for r in sel], "-", color=color, lw=1.2,
-                label=f"{label} (closed form)")
-        err = [r.get("se_variance_closed_form", 0.0) for r in sel]
-        ax.errorbar(n, [r["variance"] for r in sel], yerr=err, fmt=marker, color=color, ms=5, mfc="none",
-                    capsize=2, label=f"{label} (empirical)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("number of samples N")
-    ax.set_ylabel("variance of the gradient estimate")
-    phi = rows[0].get("phi") if rows else None
-    ax.set_title(f"Gradient variance, E[x^2], x ~ N(phi={phi}, 1)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
-
-
-def plot_vae_gradient_study(rows: Sequence[Mapping], path) -> Path:
-    """Two bar charts per estimator: total variance of the encoder gradient (log scale) and mean SNR."""
-    names = [r["estimator"] for r in rows]
-    x = np.arange(len(names))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(6.0, 0.6 * len(names) + 3), 3.8))
-    ax1.bar(x, [max(r["total_variance"], 1e-300) for r in rows], color="tab:red")
-    ax1.set_yscale("log")
-    ax1.set_ylabel("total variance (sum over coordinates)")
-    ax2.bar(x, [r["mean_snr"] for r in rows], color="tab:blue")
-    ax2.set_ylabel("mean SNR = |mean| / std")
-    for ax in (ax1, ax2):
-        ax.set_xticks(x)
-        ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
-        ax.grid(True, axis="y", which="both", alpha=0.3)
-    fig.suptitle("Encoder-gradient estimators")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)

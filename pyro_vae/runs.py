@@ -1,4 +1,8 @@
-"""The run directory: ``config.json``, ``metrics.jsonl``, ``checkpoint.pt`` and figures; reloads with one call.
+"""The run directory: ``config.json``, ``metrics.jsonl``, ``checkpoint.pt``, ``best.pt``; reloads with one call.
+
+:func:`train_run` is what ``pyro-vae train`` does: config -> data + VAE + objective -> :func:`~pyro_vae.fit`
+with a :class:`RunWriter` callback -> run directory. :func:`load_run` reloads it and :func:`evaluate_run`
+writes ``eval.json``.
 
 Checkpoints hold only tensors and plain containers and are read with ``torch.load(weights_only=True)``, so a
 crafted file cannot execute code; the configuration is JSON. Writes are atomic (temporary file, fsync, rename):
@@ -9,16 +13,26 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import RunConfig
+import pyro
 
-__all__ = ["Run", "load_run", "atomic_write_bytes", "save_checkpoint", "load_checkpoint", "read_metrics",
-           "build_vae"]
+from . import evaluation
+from .conditional import ConditionalVAE
+from .config import RunConfig
+from .data import DataError, load_dataset, needs_binarization, prepare_eval_data
+from .distributed import setup, teardown
+from .training import Callback, DivergenceError, fit, resolve_device, resolve_objective
+from .vae import VAE
+
+__all__ = ["Run", "RunWriter", "train_run", "load_run", "evaluate_run", "atomic_write_bytes", "save_checkpoint",
+           "load_checkpoint", "read_metrics", "build_vae", "CONFIG", "METRICS", "CHECKPOINT", "BEST"]
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -26,6 +40,7 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 
 
+# ---------------------------------------------------------------------------------------------- files
 def _atomic_write(path: Path, write) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -74,15 +89,20 @@ def read_metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _truncate_metrics(run_dir: Path, epoch: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from (they will be recomputed)."""
+    lines = [json.dumps(m) for m in read_metrics(run_dir) if m["epoch"] <= epoch]
+    atomic_write_bytes(run_dir / METRICS, "".join(ln + "\n" for ln in lines).encode())
+
+
+# ---------------------------------------------------------------------------------------------- the model
 def build_vae(config: RunConfig, input_shape):
     """Build the (untrained) VAE a config describes."""
-    from .vae import VAE
-
     if config.conditional:
-        from .conditional import ConditionalVAE
-
         if not config.num_classes:
             raise ValueError(f"--conditional needs a labelled dataset; {config.dataset!r} has no classes")
+        if config.network != "mlp":
+            raise ValueError("--conditional uses MLP networks (--network mlp)")
         return ConditionalVAE(input_shape=input_shape, num_classes=config.num_classes, z_dim=config.z_dim,
                               prior=config.prior, likelihood=config.likelihood, guide=config.guide,
                               hidden=config.hidden, activation=config.activation, sigma=config.sigma,
@@ -94,38 +114,182 @@ def build_vae(config: RunConfig, input_shape):
                sigma=config.sigma, guide_kwargs=config.guide_kwargs)
 
 
+def _objective(config: RunConfig):
+    return resolve_objective(config.objective, **config.objective_options())
+
+
+# ---------------------------------------------------------------------------------------------- writing a run
+class RunWriter(Callback):
+    """Writes a run while :func:`~pyro_vae.fit` trains: a line of ``metrics.jsonl`` per epoch, ``checkpoint.pt``
+    every ``every_epochs`` epochs (and every ``every_steps`` optimizer steps, and at the end), and ``best.pt``
+    whenever the validation ELBO improves. Only a finite state is ever written."""
+
+    def __init__(self, run_dir, epochs: int, every_epochs: int = 1, every_steps: int = 0):
+        self.dir, self.epochs = Path(run_dir), int(epochs)
+        self.every_epochs, self.every_steps = int(every_epochs), int(every_steps)
+        self.best = max((m.get("val_elbo", -math.inf) for m in read_metrics(self.dir)), default=-math.inf)
+
+    def on_step_end(self, state):
+        if self.every_steps and state.global_step % self.every_steps == 0 and state.is_finite():
+            save_checkpoint(self.dir / CHECKPOINT, state.checkpoint(epoch_done=False))
+
+    def on_epoch_end(self, state, metrics):
+        with open(self.dir / METRICS, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        checkpoint = state.checkpoint(epoch_done=True)
+        if metrics["epoch"] % self.every_epochs == 0 or metrics["epoch"] >= self.epochs or state.stop:
+            save_checkpoint(self.dir / CHECKPOINT, checkpoint)
+        if metrics.get("val_elbo", -math.inf) > self.best:
+            self.best = metrics["val_elbo"]
+            save_checkpoint(self.dir / BEST, checkpoint)
+
+
+def _validate_config(config: RunConfig):
+    """Everything that can fail before training, checked before the run directory exists."""
+    config.check()
+    data = load_dataset(config.dataset, config.data_dir, config.val_fraction, config.seed, config.download)
+    if config.conditional:
+        config.num_classes = data.num_classes
+    pyro.set_rng_seed(config.seed)  # the initial weights depend on the seed only: runs are reproducible
+    vae = build_vae(config, data.input_shape)
+    objective = _objective(config)
+    if config.kl_warmup and not hasattr(objective, "beta"):
+        raise ValueError("--kl-warmup needs an objective with a KL weight (e.g. --objective analytic)")
+    device = resolve_device(config.device)
+    if not needs_binarization(vae.likelihood, data.x_train, config.binarize):
+        vae.likelihood.check_data(data.x_train)
+    return data, vae, objective, device
+
+
+def _new_run_dir(out) -> Path:
+    out = Path(out) if out is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: choose another --out")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"output directory {out} already exists and is not empty (use --resume {out} to "
+                         f"continue it, or choose another --out)")
+    return out
+
+
+def _make_run_dir(run_dir: Path) -> bool:
+    """Create (or check) a writable run directory; returns whether it was created here."""
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise ValueError(f"cannot write to output directory {run_dir}: {e.strerror or e}") from None
+    return created
+
+
+def train_run(config: RunConfig, out=None, *, progress: bool = True) -> Path:
+    """Train as ``pyro-vae train`` does and return the new run directory (``out``, or ``runs/<timestamp>``).
+
+    Bad input (data, options, an occupied output folder) raises before anything is written. Under torchrun
+    every process trains; only rank 0 writes. Figures are drawn by :func:`pyro_vae.plots.draw_run_figures`.
+    """
+    run_dir = _new_run_dir(out) if int(os.environ.get("RANK", "0")) == 0 else Path(out or "runs/unused")
+    data, vae, objective, device = _validate_config(config)
+    main = setup(device).rank == 0
+    created = False
+    if main:
+        created = _make_run_dir(run_dir)
+        atomic_write_bytes(run_dir / CONFIG, config.to_json().encode())
+        (run_dir / METRICS).write_text("")
+    return _train(config, run_dir, data, vae, objective, device, None, progress, created)
+
+
+def resume_run(run_dir, *, epochs: int | None = None, device: str | None = None, progress: bool = True) -> Path:
+    """Continue a run from its last checkpoint (bit-identical to an uninterrupted run on the same device).
+
+    ``epochs`` extends (or shortens) the run and is saved in ``config.json``; a run without a checkpoint
+    starts again from its first epoch.
+    """
+    run_dir = Path(run_dir)
+    config = _read_config(run_dir)
+    if epochs is not None:
+        config.epochs = int(epochs)
+    if device is not None:
+        config.device = device
+    data, vae, objective, device_ = _validate_config(config)
+    state = load_checkpoint(run_dir / CHECKPOINT) if (run_dir / CHECKPOINT).exists() else None
+    main = setup(device_).rank == 0
+    if main:
+        _make_run_dir(run_dir)
+        atomic_write_bytes(run_dir / CONFIG, config.to_json().encode())
+        _truncate_metrics(run_dir, int(state["epoch"]) if state is not None else 0)
+    return _train(config, run_dir, data, vae, objective, device_, state, progress, False)
+
+
+def _train(config, run_dir, data, vae, objective, device, resume_state, progress, created) -> Path:
+    main = setup(device).rank == 0
+    train, val = ((data.x_train, data.y_train), (data.x_val, data.y_val)) if config.conditional else \
+        (data.x_train, data.x_val)
+    writer = [RunWriter(run_dir, config.epochs, config.checkpoint_every, config.checkpoint_steps)] if main else []
+    try:
+        fit(vae, train, val, objective=objective, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+            kl_warmup=config.kl_warmup, binarize_mode=config.binarize, seed=config.seed, device=device,
+            progress=progress, callbacks=writer, on_nan=config.on_nan, resume_state=resume_state)
+    except DivergenceError as e:
+        last = run_dir / CHECKPOINT
+        where = f"last good checkpoint: {last}" if last.exists() else "no checkpoint was written yet"
+        raise DivergenceError(f"{e}; training stopped, {where} (resume with --resume {run_dir})") from None
+    except (ValueError, DataError):
+        if created and main:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    teardown()
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------------- reading a run
+def _read_config(run_dir: Path) -> RunConfig:
+    path = run_dir / CONFIG
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a pyro-vae run directory (no {CONFIG})")
+    try:
+        return RunConfig.from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
 @dataclass
 class Run:
     """A loaded run: its folder, configuration, trained VAE and per-epoch metrics."""
 
     dir: Path
     config: RunConfig
-    vae: "torch.nn.Module"
+    vae: torch.nn.Module
     metrics: list
     epoch: int
+    checkpoint: str = CHECKPOINT
 
     def load_data(self):
         """The run's dataset, split exactly as in training."""
-        from .data import load_dataset
-
         c = self.config
         return load_dataset(c.dataset, c.data_dir, c.val_fraction, c.seed)
 
 
 def load_run(run_dir, map_location="cpu", best: bool = False) -> Run:
-    """Reload a run directory written by ``pyro-vae train`` (or :func:`pyro_vae.training.train_run`).
+    """Reload a run directory written by ``pyro-vae train`` (or :func:`train_run`).
 
     ``best=True`` loads the checkpoint with the best validation ELBO (``best.pt``) instead of the last one.
     """
     run_dir = Path(run_dir)
-    if not (run_dir / CONFIG).exists() or not (run_dir / CHECKPOINT).exists():
-        raise FileNotFoundError(f"{run_dir} is not a pyro-vae run directory (needs {CONFIG} and {CHECKPOINT})")
-    config = RunConfig.from_dict(json.loads((run_dir / CONFIG).read_text()))
-    state = load_checkpoint(run_dir / (BEST if best and (run_dir / BEST).exists() else CHECKPOINT), map_location)
+    config = _read_config(run_dir)
+    name = BEST if best else CHECKPOINT
+    if not (run_dir / name).exists():
+        raise FileNotFoundError(f"{run_dir} has no {name} (train it first, or it was written before any epoch "
+                                "ended)")
+    state = load_checkpoint(run_dir / name, map_location)
     vae = build_vae(config, tuple(state["input_shape"]))
     vae.load_state_dict(state["model"])
     vae.eval()
-    return Run(run_dir, config, vae, read_metrics(run_dir), int(state["epoch"]))
+    return Run(run_dir, config, vae, read_metrics(run_dir), int(state["epoch"]), name)
 
 
 def evaluate_run(run: Run, *, num_samples: int = 0, batch_size: int = 256, elbo_particles: int = 10,
@@ -137,30 +301,20 @@ def evaluate_run(run: Run, *, num_samples: int = 0, batch_size: int = 256, elbo_
     samples per point (positive nats per data point), ``active_units`` (Burda et al., 2015) and the KL per
     latent dimension. ``max_points`` evaluates only the first test points (the test order is fixed).
     """
-    from . import evaluation
-    from .training import prepare_eval_data, resolve_device
-
     device = resolve_device(device) if isinstance(device, str) else device
-
     data = run.load_data()
     vae = run.vae.to(device).eval()
-    x = prepare_eval_data(vae, data.x_test.to(device), run.config.binarize)
-    if max_points:
-        x = x[:max_points]
-    result = {"epoch": run.epoch, "num_test": int(x.shape[0])}
-    if vae.conditional:  # model(x, c) with the label as condition; encoders see the whole test set at once
-        y = data.y_test.to(device)[: x.shape[0]]
-        data_args, encoder, enc_batch = (x, y), (lambda xb: vae.encode(xb, y)), None
-    else:
-        data_args, encoder, enc_batch = x, vae, batch_size
+    x = prepare_eval_data(vae, data.x_test.to(device), run.config.binarize)[:max_points]
+    args = (x, data.y_test.to(device)[: x.shape[0]]) if run.config.conditional else (x,)
+    result = {"epoch": run.epoch, "checkpoint": run.checkpoint, "num_test": int(x.shape[0])}
     with torch.no_grad():
-        result["test_elbo"] = float(evaluation.elbo(vae.model, vae.guide, data_args, num_particles=elbo_particles,
+        result["test_elbo"] = float(evaluation.elbo(vae.model, vae.guide, args, num_particles=elbo_particles,
                                                     batch_size=batch_size).mean())
-        result["active_units"] = int(evaluation.active_units(encoder, x, batch_size=enc_batch))
-        kl = evaluation.kl_per_dimension(encoder, x, batch_size=enc_batch)
+        result["active_units"] = int(evaluation.active_units(vae, args, batch_size=batch_size))
+        kl = evaluation.kl_per_dimension(vae, args, batch_size=batch_size)
         result["kl_per_dimension"] = [float(v) if math.isfinite(v) else None for v in kl.tolist()]
     if num_samples:
-        ll = evaluation.log_likelihood(vae.model, vae.guide, data_args, num_samples=num_samples, batch_size=None,
+        ll = evaluation.log_likelihood(vae.model, vae.guide, args, num_samples=num_samples, batch_size=None,
                                        progress=progress)
         result["test_nll"] = float(-ll.mean())
         result["test_nll_stderr"] = float(ll.std() / len(ll) ** 0.5)

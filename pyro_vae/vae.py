@@ -1,16 +1,22 @@
-"""The VAE as two Pyro programs over one latent site ``"z"``.
+"""The VAE as two Pyro programs over one latent site ``"z"``, and their trace-free particle twin.
 
 * **model** p(z) p_theta(x|z): z ~ N(0, I) (``.to_event(1)``), the decoder turns z into the parameters of
   the likelihood, and ``"x"`` is observed under it.
 * **guide** q_phi(z|x): the encoder turns x into the parameters of a posterior family and ``"z"`` is sampled
   from it with the reparameterization z = mu + sigma * eps (Kingma & Welling, 2014).
+* **particles** (the twin): the per-(particle, data point) terms log p(x|z), log p(z), log q(z|x) of
+  :class:`~pyro_vae.particles.Particles` computed directly, with the noise drawn exactly as Pyro's vectorized
+  particle plate draws it, so every objective gives the same value and gradients as on the traced
+  model/guide, without Pyro's per-step tracing. Change ``model``/``guide`` and this method together.
 
 Training maximizes ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z)) with any Pyro objective, e.g.
 ``pyro.infer.SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO())``.
+
+Every method takes ``(x, c=None)``: a plain VAE ignores the condition c, and
+:class:`~pyro_vae.conditional.ConditionalVAE` overrides only the building blocks that use it (``condition``,
+the networks' inputs and the prior), so model, guide and twin are written once.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -18,30 +24,13 @@ from torch import nn
 import pyro
 import pyro.distributions as dist
 
+from .data import as_batch
 from .guides import make_posterior
 from .likelihoods import make_likelihood
 from .networks import make_networks
+from .particles import NotReparameterizedError, Particles, closed_form_kl, detach_distribution
 
 __all__ = ["VAE", "as_batch"]
-
-
-def as_batch(x, input_shape) -> torch.Tensor:
-    """Return ``x`` as a float tensor of shape (N, *input_shape); flat (N, prod(input_shape)) is reshaped.
-
-    Raises ValueError naming the expected and the received shape otherwise.
-    """
-    x = torch.as_tensor(x)
-    if not torch.is_floating_point(x):
-        x = x.float()
-    shape = tuple(input_shape)
-    if x.dim() >= 1 and tuple(x.shape[1:]) == shape:
-        return x
-    if x.dim() == 2 and x.shape[1] == math.prod(shape):
-        return x.reshape(-1, *shape)
-    raise ValueError(
-        f"expected data of shape (batch, {', '.join(map(str, shape))}) or (batch, {math.prod(shape)}), "
-        f"got {tuple(x.shape)}"
-    )
 
 
 class VAE(nn.Module):
@@ -64,9 +53,6 @@ class VAE(nn.Module):
         guide_kwargs: passed to the posterior family (e.g. ``rank=``, ``flow_steps=``).
     """
 
-    #: whether model/guide take a condition c besides x (see :class:`~pyro_vae.conditional.ConditionalVAE`)
-    conditional = False
-
     def __init__(self, input_shape=(1, 28, 28), z_dim: int = 20, likelihood="bernoulli", guide="diagonal",
                  hidden=(400,), activation="relu", network="mlp", encoder: nn.Module | None = None,
                  decoder: nn.Module | None = None, sigma=None, guide_kwargs: dict | None = None):
@@ -86,73 +72,175 @@ class VAE(nn.Module):
         self.register_buffer("prior_loc", torch.zeros(self.z_dim), persistent=False)
         self.register_buffer("prior_scale", torch.ones(self.z_dim), persistent=False)
 
-    # ----------------------------------------------------------------- networks with any leading dims
-    def _encode_params(self, x: torch.Tensor) -> torch.Tensor:
+    # ----------------------------------------------------------------- building blocks (overridden by subclasses)
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.prior_loc.dtype
+
+    def condition(self, c):
+        """The condition as the networks see it; a plain VAE has none (returns None, whatever c is)."""
+        return None
+
+    def label_condition(self, label: int, n: int):
+        """The condition of ``n`` draws of class ``label``; a plain VAE has no classes."""
+        raise ValueError("this VAE is not conditional: it takes no label (train a ConditionalVAE / --conditional)")
+
+    def grid_conditions(self, per_class: int = 8):
+        """Conditions for a figure of samples (one row per class for a label-conditional VAE); None here."""
+        return None
+
+    def likelihood_mask(self, c=None, mask=None):
+        """Which pixels log p(x|z) covers: ``mask`` (all pixels when None)."""
+        return mask
+
+    def prior(self, cond=None) -> dist.TorchDistribution:
+        """p(z) = N(0, I_d)."""
+        return dist.Normal(self.prior_loc, self.prior_scale).to_event(1)
+
+    def _encode_params(self, x: torch.Tensor, cond=None) -> torch.Tensor:
         """Encoder features for x of shape (..., *input_shape) -> (..., posterior.num_params)."""
         lead = x.shape[: x.dim() - len(self.input_shape)]
         out = self.encoder(x.reshape(-1, *self.input_shape))
         return out.reshape(*lead, self.posterior.num_params)
 
-    def _decode_params(self, z: torch.Tensor) -> torch.Tensor:
+    def _decode_params(self, z: torch.Tensor, cond=None) -> torch.Tensor:
         """Decoder output for z of shape (..., z_dim) -> (..., likelihood.num_params, *input_shape)."""
         lead = z.shape[:-1]
         out = self.decoder(z.reshape(-1, self.z_dim))
         return out.reshape(*lead, self.likelihood.num_params, *self.input_shape)
 
-    def prior(self) -> dist.TorchDistribution:
-        """p(z) = N(0, I_d)."""
-        return dist.Normal(self.prior_loc, self.prior_scale).to_event(1)
+    def _model_modules(self) -> dict:
+        """The modules of the model p(x, z) registered with ``pyro.module``."""
+        modules = {"decoder": self.decoder}
+        if any(p.requires_grad for p in self.likelihood.parameters()):
+            modules["likelihood"] = self.likelihood
+        return modules
+
+    def _guide_modules(self) -> dict:
+        """The modules of the guide q(z|x) registered with ``pyro.module``."""
+        modules = {"encoder": self.encoder}
+        if any(p.requires_grad for p in self.posterior.parameters()):
+            modules["posterior"] = self.posterior
+        return modules
+
+    def _data(self, x) -> torch.Tensor:
+        x = as_batch(x, self.input_shape)
+        return x if x.dtype == self.dtype else x.to(self.dtype)
+
+    @staticmethod
+    def _batch_size(x, cond, batch_size) -> int:
+        if x is not None:
+            return x.shape[0]
+        if cond is not None:
+            return cond.shape[0]
+        if batch_size is None:
+            raise ValueError("model(x=None) needs batch_size= to know how many data points to generate")
+        return int(batch_size)
 
     # ----------------------------------------------------------------- the two Pyro programs
-    def model(self, x: torch.Tensor | None = None, *, batch_size: int | None = None):
-        """p(z) p(x|z): ``pyro.module`` for the decoder, a plate over the batch, ``"z"`` then ``"x"``.
+    def model(self, x=None, c=None, *, batch_size: int | None = None, mask=None):
+        """p(z) p(x|z): ``pyro.module`` for the decoder, a plate ``"data"`` over the batch, ``"z"`` then ``"x"``.
 
-        With ``x=None`` it generates ``batch_size`` data points (e.g. under ``pyro.infer.Predictive``).
+        With ``x=None`` it generates ``batch_size`` data points (e.g. under ``pyro.infer.Predictive``);
+        ``mask`` (bool, broadcastable to x) restricts log p(x|z) to the selected pixels.
         """
-        pyro.module("decoder", self.decoder)
-        if any(p.requires_grad for p in self.likelihood.parameters()):
-            pyro.module("likelihood", self.likelihood)
-        if x is not None:
-            x = as_batch(x, self.input_shape)
-            batch_size = x.shape[0]
-        elif batch_size is None:
-            raise ValueError("model(x=None) needs batch_size= to know how many data points to generate")
-        with pyro.plate("data", batch_size):
-            z = pyro.sample("z", self.prior())
-            return pyro.sample("x", self.likelihood(self._decode_params(z)), obs=x)
+        for name, module in self._model_modules().items():
+            pyro.module(name, module)
+        cond = self.condition(c)
+        x = None if x is None else self._data(x)
+        with pyro.plate("data", self._batch_size(x, cond, batch_size)):
+            z = pyro.sample("z", self.prior(cond))
+            out = self._decode_params(z, cond)
+            return pyro.sample("x", self.likelihood(out, mask=self.likelihood_mask(c, mask)), obs=x)
 
-    def guide(self, x: torch.Tensor, *, batch_size: int | None = None):
+    def guide(self, x, c=None, *, batch_size: int | None = None, mask=None):
         """q(z|x): the encoder's posterior family, ``"z"`` sampled inside the same batch plate."""
-        pyro.module("encoder", self.encoder)
-        if any(p.requires_grad for p in self.posterior.parameters()):
-            pyro.module("posterior", self.posterior)
-        x = as_batch(x, self.input_shape)
+        for name, module in self._guide_modules().items():
+            pyro.module(name, module)
+        x, cond = self._data(x), self.condition(c)
         with pyro.plate("data", x.shape[0]):
-            return pyro.sample("z", self.posterior(self._encode_params(x)))
+            return pyro.sample("z", self.posterior(self._encode_params(x, cond)))
+
+    # ----------------------------------------------------------------- the trace-free twin of model and guide
+    def particles(self, x, c=None, *, mask=None, num_particles: int = 1, stop_q: bool = False,
+                  kl: bool = False) -> Particles:
+        """K = ``num_particles`` particles of ``(model, guide)`` without tracing (the same terms, noise and
+        gradients as :func:`~pyro_vae.particles.trace_particles` on them):
+
+            z_kn = rsample of q(z | x_n),  log p(x_n | z_kn),  log p(z_kn),  log q(z_kn | x_n),
+
+        plus log q with stop-gradient parameters (``stop_q``) and the closed-form KL(q || p(z)) (``kl``;
+        the Monte Carlo log q - log p where no closed form is registered). Shapes (K, N).
+        """
+        x, cond = self._data(x), self.condition(c)
+        q = self.posterior(self._encode_params(x, cond))
+        if not q.has_rsample:
+            raise NotReparameterizedError(f"the {type(q).__name__} posterior has no rsample")
+        k = int(num_particles)
+        z = q.rsample((k,)) if k > 1 else q.rsample().unsqueeze(0)  # the draws of Pyro's particle plate
+        prior = self.prior(cond)
+        out = self._decode_params(z, cond)
+        p = Particles(self.likelihood.log_prob(out, x, self.likelihood_mask(c, mask)), prior.log_prob(z),
+                      q.log_prob(z))
+        if stop_q:
+            p.log_qz_stop = detach_distribution(q).log_prob(z)
+            p.gradient_scalers = [lambda w: _scale_gradient(z, w, q.event_dim)]
+        if kl:
+            closed = closed_form_kl(q, prior)
+            p.kl = p.log_qz - p.log_pz if closed is None else closed.expand_as(p.log_qz)
+            p.kl_monte_carlo = ("z",) if closed is None else ()
+        return p
+
+    def particle_twin_of(self, model, guide) -> bool:
+        """Whether :meth:`particles` mirrors this ``(model, guide)`` pair: the class's own, unmodified programs
+        (a subclass that overrides ``model`` or ``guide`` is traced, unless it declares ``twin_mirrors``)."""
+        return (getattr(model, "__func__", None), getattr(guide, "__func__", None),
+                type(self).particles) == type(self).twin_mirrors
 
     # ----------------------------------------------------------------- helpers
-    def encode(self, x) -> dist.TorchDistribution:
+    def encode(self, x, c=None) -> dist.TorchDistribution:
         """The posterior q(z|x) as a distribution with batch_shape (N,) and event_shape (z_dim,)."""
-        return self.posterior(self._encode_params(as_batch(x, self.input_shape)))
+        return self.posterior(self._encode_params(self._data(x), self.condition(c)))
 
-    def posterior_mean(self, x) -> torch.Tensor:
+    def posterior_mean(self, x, c=None) -> torch.Tensor:
         """A point summary of q(z|x), shape (N, z_dim)."""
-        return self.posterior.mean(self._encode_params(as_batch(x, self.input_shape)))
+        return self.posterior.mean(self._encode_params(self._data(x), self.condition(c)))
 
-    def decode(self, z: torch.Tensor) -> dist.TorchDistribution:
+    def decode(self, z: torch.Tensor, c=None) -> dist.TorchDistribution:
         """p(x|z) for z of shape (..., z_dim)."""
-        return self.likelihood(self._decode_params(z))
+        return self.likelihood(self._decode_params(z, self.condition(c)))
 
     @torch.no_grad()
-    def reconstruct(self, x, sample_z: bool = False) -> torch.Tensor:
+    def reconstruct(self, x, c=None, sample_z: bool = False) -> torch.Tensor:
         """E[x|z] at z = the posterior's point summary (or a posterior sample with ``sample_z=True``)."""
-        x = as_batch(x, self.input_shape)
-        z = self.encode(x).sample() if sample_z else self.posterior_mean(x)
-        return self.likelihood.mean(self._decode_params(z))
+        x, cond = self._data(x), self.condition(c)
+        params = self._encode_params(x, cond)
+        z = self.posterior(params).sample() if sample_z else self.posterior.mean(params)
+        return self.likelihood.mean(self._decode_params(z, cond))
 
     @torch.no_grad()
-    def sample(self, n: int, mean: bool = True) -> torch.Tensor:
-        """n draws z ~ p(z), returned as E[x|z] (``mean=True``) or as draws x ~ p(x|z)."""
-        z = self.prior().expand([int(n)]).sample()
-        out = self._decode_params(z)
+    def sample(self, n: int, mean: bool = True, c=None, label: int | None = None) -> torch.Tensor:
+        """n draws z ~ p(z|c), returned as E[x|z] (``mean=True``) or as draws x ~ p(x|z).
+
+        A conditional VAE needs the n conditions ``c`` or a class ``label``; a plain VAE ignores ``c``.
+        """
+        n = int(n)
+        if label is not None:
+            c = self.label_condition(label, n)
+        cond = self.condition(c)
+        if cond is not None and cond.shape[0] != n:
+            raise ValueError(f"sampling {n} points needs {n} conditions, got {cond.shape[0]}")
+        z = self.prior(cond).expand([n]).sample()
+        out = self._decode_params(z, cond)
         return self.likelihood.mean(out) if mean else self.likelihood(out).sample()
+
+
+def _scale_gradient(z: torch.Tensor, weights: torch.Tensor, event_dim: int) -> None:
+    """Multiply the gradient reaching z (K, N, *event) by weights (K, N)."""
+    if z.requires_grad:
+        factor = weights.reshape(weights.shape + (1,) * event_dim)
+        z.register_hook(lambda grad: grad * factor)
+
+
+#: (model, guide, particles) functions: the programs the twin mirrors (see :meth:`VAE.particle_twin_of`)
+VAE.twin_mirrors = (VAE.model, VAE.guide, VAE.particles)

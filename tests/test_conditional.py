@@ -2,13 +2,11 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-import pyro
 import pyro.poutine as poutine
 from pyro.infer import Trace_ELBO
 
-from pyro_vae import fit, load_dataset
+from pyro_vae import VAE, fit, load_dataset
 from pyro_vae.conditional import ConditionalVAE
-from pyro_vae.training import _ObjectiveLoss
 
 
 @pytest.fixture(scope="module")
@@ -48,19 +46,6 @@ def test_sites_and_learned_prior(digits):
     assert {n for n in tr.nodes if tr.nodes[n]["type"] == "param"} >= {"prior_net$$$net.0.weight"}
 
 
-def test_direct_path_equals_pyro_for_the_conditional_vae(digits):
-    vae = ConditionalVAE(digits.input_shape, num_classes=10, z_dim=3, hidden=(16,), prior="learned")
-    x, c = torch.bernoulli(digits.x_train[:9]), digits.y_train[:9]
-    obj = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
-    direct = _ObjectiveLoss(vae, obj)
-    assert direct.direct is not None
-    pyro.set_rng_seed(5)
-    a = direct(x, c)
-    pyro.set_rng_seed(5)
-    b = obj.differentiable_loss(vae.model, vae.guide, x, c)
-    torch.testing.assert_close(a, b)
-
-
 def test_image_completion_likelihood_covers_only_the_missing_pixels(digits):
     vae = ConditionalVAE(digits.input_shape, condition_shape=digits.input_shape, z_dim=2, hidden=(16,),
                          prior="learned", missing_value=-1.0)
@@ -69,7 +54,7 @@ def test_image_completion_likelihood_covers_only_the_missing_pixels(digits):
     c[..., 4:, :] = -1.0  # the bottom half is missing
     tr = poutine.trace(poutine.replay(vae.model, trace=poutine.trace(vae.guide).get_trace(x, c))).get_trace(x, c)
     site = tr.nodes["x"]
-    full = vae.likelihood(vae._decode_params(tr.nodes["z"]["value"], vae.condition(c))).base_dist
+    full = vae.decode(tr.nodes["z"]["value"], c).base_dist
     want = full.log_prob(x)[..., 4:, :].sum((-3, -2, -1))
     torch.testing.assert_close(site["fn"].log_prob(x), want)
 
@@ -80,5 +65,16 @@ def test_bad_conditions(digits):
         vae.condition(torch.tensor([3, 10]))
     with pytest.raises(ValueError, match="exactly one of"):
         ConditionalVAE(digits.input_shape, z_dim=2)
-    with pytest.raises(ValueError, match="needs label= or c="):
+    with pytest.raises(ValueError, match="give the condition c"):
         vae.sample(3)
+    with pytest.raises(ValueError, match="not conditional"):
+        VAE(digits.input_shape, z_dim=2).sample(3, label=1)
+
+
+def test_a_plain_vae_ignores_the_condition(digits):
+    """One interface: every method takes (x, c=None) and a plain VAE ignores c."""
+    vae = VAE(digits.input_shape, z_dim=2, hidden=(8,))
+    x, y = torch.bernoulli(digits.x_test[:5]), digits.y_test[:5]
+    torch.testing.assert_close(vae.posterior_mean(x, y), vae.posterior_mean(x))
+    torch.testing.assert_close(vae.reconstruct(x, y), vae.reconstruct(x))
+    assert vae.sample(4, c=y[:4]).shape == (4, *digits.input_shape)

@@ -84,7 +84,8 @@ def test_check_data_errors(x, message):
 
 def test_check_data_shape_and_numpy():
     x = check_data(np.random.rand(5, 64), input_shape=(1, 8, 8))
-    assert x.shape == (5, 1, 8, 8) and x.dtype == torch.float32
+    assert x.shape == (5, 1, 8, 8) and x.dtype == torch.float64  # kept; fit casts to the model's dtype
+    assert check_data(np.ones((5, 64), dtype=np.uint8), input_shape=(1, 8, 8)).dtype == torch.float32
     with pytest.raises(DataError, match=r"expected data of shape \(batch, 1, 8, 8\)"):
         check_data(np.random.rand(5, 65), input_shape=(1, 8, 8))
 

@@ -1,4 +1,4 @@
-"""Tests for pyro_vae.estimators: the score-function vs reparameterization studies.
+"""Tests for the gradient-variance study (pyro_vae.studies.gradient_variance) and the score-function handler.
 
 Tolerances. Means: |mean - 2 phi| < 4 SE with SE = sqrt(Var / R), Var the closed form (and, separately,
 the empirical one). Variances: the unbiased sample variance s^2 of R i.i.d. copies of Y has the exact
@@ -19,13 +19,13 @@ import pyro
 import pyro.distributions as dist
 from tiny_vae import TinyVAE
 
-from pyro_vae.estimators import (
-    NonReparameterized,
+from pyro_vae.objectives import AnalyticKLELBO, IWAEELBO
+from pyro_vae.score_function import NonReparameterized, score_function
+from pyro_vae.studies.gradient_variance import (
     gaussian_polynomial_moment,
     gradient_samples,
     make_estimator,
     reparameterization_variance,
-    score_function,
     score_function_excess_kurtosis,
     score_function_variance,
     summarize_gradients,
@@ -259,29 +259,19 @@ def test_estimator_errors():
 
 
 def test_objective_based_estimators_run():
-    objectives = pytest.importorskip("pyro_vae.objectives")
-    if not hasattr(objectives, "make_objective"):
-        pytest.skip("pyro_vae.objectives.make_objective not available yet")
     vae, x = TinyVAE(), _batch(8)
     rows = vae_gradient_study(vae.model, vae.guide, list(vae.encoder.parameters()), x,
                               ["analytic", "iwae-5", "dreg-5", "stl-5"], repetitions=10)
     assert all(math.isfinite(r["total_variance"]) and r["total_variance"] > 0 for r in rows)
 
 
-def test_objective_names_are_mapped(monkeypatch):
-    """'iwae-K' / 'dreg-K' / 'stl-K' / 'analytic' ask make_objective for the right objective."""
-    import pyro_vae.objectives as objectives
-
-    calls = []
-
-    def fake_make_objective(name, num_particles=1, **kwargs):
-        calls.append((name, num_particles, kwargs.get("estimator")))
-        return pyro.infer.Trace_ELBO(num_particles=num_particles)
-
-    monkeypatch.setattr(objectives, "make_objective", fake_make_objective, raising=False)
-    for name in ["analytic", "iwae-5", "dreg-50", "stl-1"]:
-        make_estimator(name)
-    assert calls == [("analytic", 1, None), ("iwae", 5, "iwae"), ("iwae", 50, "dreg"), ("iwae", 1, "stl")]
+def test_objective_names_are_mapped():
+    """'iwae-K' / 'dreg-K' / 'stl-K' / 'analytic' are the objectives of those names and options."""
+    built = {name: make_estimator(name).objective for name in ["analytic", "iwae-5", "dreg-50", "stl-1"]}
+    assert isinstance(built["analytic"], AnalyticKLELBO) and built["analytic"].num_particles == 1
+    for name, k, estimator in [("iwae-5", 5, "iwae"), ("dreg-50", 50, "dreg"), ("stl-1", 1, "stl")]:
+        assert isinstance(built[name], IWAEELBO)
+        assert (built[name].num_particles, built[name].estimator) == (k, estimator)
 
 
 def test_baseline_state_is_reset_between_batches():

@@ -72,7 +72,7 @@ def test_shapes_rsample_and_log_prob(name, lead):
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_one_dimensional_latent(name):
-    fam = make_posterior(name, 1, **FAMILIES[name])
+    fam = make_posterior(name, 1, **{**FAMILIES[name], **({"rank": 1} if name == "lowrank" else {})})
     q = fam(torch.randn(4, fam.num_params))
     z = q.rsample()
     assert z.shape == (4, 1) and q.log_prob(z).shape == (4,)
@@ -336,10 +336,14 @@ def test_unknown_guide_and_bad_options_are_clear_errors():
         make_posterior("fullrank", 3)
     with pytest.raises(ValueError, match="'iaf' does not take rank; it takes flow_steps"):
         make_posterior("iaf", 3, rank=2)
-    with pytest.raises(ValueError, match="'diagonal' does not take flow_steps; it takes no options"):
+    with pytest.raises(ValueError, match="'diagonal' does not take flow_steps; it takes scale_param"):
         make_posterior("diagonal", 3, flow_steps=2)
     with pytest.raises(ValueError, match="rank"):
         make_posterior("lowrank", 3, rank=0)
+    with pytest.raises(ValueError, match="rank <= z_dim, got rank=4 > z_dim=3"):
+        make_posterior("lowrank", 3, rank=4)
+    with pytest.raises(ValueError, match="unknown scale_param 'square'"):
+        make_posterior("diagonal", 3, scale_param="square")
     with pytest.raises(ValueError, match="flow_steps"):
         make_posterior("iaf", 3, flow_steps=0)
     with pytest.raises(ValueError, match="df"):

@@ -19,7 +19,7 @@ from torch.distributions.kl import _dispatch_kl
 
 from linear_gaussian import LinearGaussian, diagonal_guide, lowrank_guide, mvn_guide
 from pyro_vae.objectives import AnalyticKLELBO, IWAEELBO, OBJECTIVES, make_objective
-from pyro_vae.objectives._weights import detach_distribution, particle_log_weights
+from pyro_vae.particles import detach_distribution, draw_particles
 from pyro_vae.objectives.kl import kl_diag_normal_lowrank, kl_lowrank_diag_normal, kl_lowrank_mvn, kl_mvn_diag_normal
 
 Z_MAX = 4.0  # tolerance in standard errors
@@ -279,8 +279,8 @@ def test_iwae_one_particle_is_the_elbo(lg, x):
 
 def test_iwae_with_exact_posterior_has_zero_variance(lg, x):
     """q = p(z|x) makes every log weight equal log p(x): the estimate is exact for any K."""
-    log_w, layout = particle_log_weights(lg.model, lg.exact_guide, (x,), {}, 5, 1)
-    assert log_w.shape == (5, 3) and layout.shape == (3,)
+    log_w = draw_particles(lg.model, lg.exact_guide, (x,), {}, num_particles=5).log_weights
+    assert log_w.shape == (5, 3)
     assert torch.allclose(log_w, lg.log_marginal(x).expand(5, 3), atol=1e-10)
     values = repeat(lambda: IWAEELBO(num_particles=5).loss(lg.model, lg.exact_guide, x), 5)
     assert torch.allclose(values, -lg.log_marginal(x).sum(), atol=1e-10)
@@ -447,10 +447,50 @@ def test_detach_distribution_keeps_density_and_cuts_parameter_gradients(index):
     assert torch.autograd.grad(log_q.sum(), z)[0] is not None
 
 
-def test_detach_distribution_refuses_neural_transforms():
-    flow = pyro_transforms.affine_autoregressive(3)
-    with pytest.raises(TypeError, match="nn.Module"):
-        detach_distribution(dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0), [flow]))
+@pytest.mark.parametrize("conditional", [False, True])
+def test_detach_distribution_runs_neural_flows_with_detached_weights(conditional):
+    """An autoregressive flow (its MADE network an nn.Module, conditioned through functools.partial) keeps its
+    density, and no gradient reaches its weights, its context or its base parameters; z still gets one."""
+    torch.manual_seed(0)
+    p = torch.randn(3, requires_grad=True)
+    context = torch.randn(2, requires_grad=True)
+    if conditional:
+        flow_module = pyro_transforms.conditional_affine_autoregressive(3, 2)
+        flow = flow_module.condition(context)
+    else:
+        flow_module = flow = pyro_transforms.affine_autoregressive(3)
+    q = dist.TransformedDistribution(dist.Normal(p, 1.0), [flow])
+    z = q.rsample()
+    z = z.detach().requires_grad_()
+    log_q = detach_distribution(q).log_prob(z)  # inverts the flow through z (no cache)
+    torch.testing.assert_close(log_q, q.log_prob(z))
+    leaves = [p, context, *flow_module.parameters()]
+    assert all(g is None for g in torch.autograd.grad(log_q.sum(), leaves, allow_unused=True, retain_graph=True))
+    assert torch.autograd.grad(log_q.sum(), z)[0].abs().sum() > 0
+
+
+def test_detach_distribution_refuses_parameters_it_cannot_reach():
+    class Shift(T.Transform):
+        bijective = True
+        domain = codomain = torch.distributions.constraints.real
+
+        def __init__(self, fn):
+            super().__init__()
+            self.fn = fn
+
+        def _call(self, x):
+            return x + self.fn()
+
+        def _inverse(self, y):
+            return y - self.fn()
+
+        def log_abs_det_jacobian(self, x, y):
+            return torch.zeros_like(x)
+
+    shift = torch.zeros(3, requires_grad=True)
+    q = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0), [Shift(lambda: shift)])
+    with pytest.raises(TypeError, match="callable"):
+        detach_distribution(q)
 
 
 # ============================================================================================ SVI smoke

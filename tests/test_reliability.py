@@ -205,7 +205,7 @@ def test_check_data_accepts_valid_data_and_names_the_problem_otherwise(a, input_
     except DataError as e:
         assert str(e)
         return
-    assert torch.isfinite(x).all() and x.shape[0] > 0 and x.dtype == torch.float32
+    assert torch.isfinite(x).all() and x.shape[0] > 0 and x.is_floating_point()
     if input_shape is not None:
         assert tuple(x.shape[1:]) == input_shape
 

@@ -40,9 +40,15 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-import pyro
-from pyro.distributions.torch_distribution import TorchDistribution
-from pyro.poutine.messenger import Messenger
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import pyro  # noqa: E402
+
+from ..objectives import make_objective  # noqa: E402
+from ..score_function import score_function  # noqa: E402
 
 __all__ = [
     "DEFAULT_SAMPLE_SIZES",
@@ -53,9 +59,8 @@ __all__ = [
     "score_function_excess_kurtosis",
     "toy_gradient_study",
     "write_toy_study",
-    "NonReparameterized",
-    "ScoreFunctionMessenger",
-    "score_function",
+    "plot_gradient_variance",
+    "plot_vae_gradient_study",
     "make_estimator",
     "gradient_samples",
     "summarize_gradients",
@@ -247,8 +252,6 @@ def _study_paths(out_dir, rows, stem: str) -> dict[str, Path]:
 
 def write_toy_study(out_dir, rows: Sequence[Mapping]) -> dict[str, Path]:
     """Write ``gradient_variance_toy.{md,json,png}`` into ``out_dir`` (created); returns the paths."""
-    from .plots import plot_gradient_variance
-
     paths = _study_paths(out_dir, rows, "gradient_variance_toy")
     phi = rows[0].get("phi")
     head = (f"# Gradient variance: score function vs reparameterization\n\n"
@@ -259,94 +262,6 @@ def write_toy_study(out_dir, rows: Sequence[Mapping]) -> dict[str, Path]:
     paths["json"].write_text(json.dumps(list(rows), indent=2))
     plot_gradient_variance(rows, paths["png"])
     return paths
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Part 2: forcing the score-function path in Pyro
-# ---------------------------------------------------------------------------------------------------------
-
-
-class NonReparameterized(TorchDistribution):
-    """Wrap a distribution so Pyro treats it as NOT reparameterizable (``has_rsample = False``).
-
-    Samples are drawn without a pathwise gradient; ``log_prob`` (and hence the score
-    ``grad log q``) is the base distribution's. Pyro's ``TraceGraph_ELBO`` then builds the
-    score-function (REINFORCE) surrogate for the site (``ScoreParts(log_prob, score_function=log_prob,
-    entropy_term=0)``).
-    """
-
-    arg_constraints = {}
-    has_rsample = False
-
-    def __init__(self, base_dist, validate_args=None):
-        self.base_dist = base_dist
-        super().__init__(base_dist.batch_shape, base_dist.event_shape, validate_args=False)
-
-    @property
-    def support(self):
-        return self.base_dist.support
-
-    @property
-    def has_enumerate_support(self):
-        return False
-
-    @property
-    def mean(self):
-        return self.base_dist.mean
-
-    @property
-    def variance(self):
-        return self.base_dist.variance
-
-    def sample(self, sample_shape=torch.Size()):
-        with torch.no_grad():
-            return self.base_dist.sample(sample_shape)
-
-    def rsample(self, sample_shape=torch.Size()):
-        raise NotImplementedError("NonReparameterized has no rsample: that is its purpose")
-
-    def log_prob(self, value):
-        return self.base_dist.log_prob(value)
-
-    def entropy(self):
-        return self.base_dist.entropy()
-
-    def expand(self, batch_shape, _instance=None):
-        return NonReparameterized(self.base_dist.expand(batch_shape))
-
-
-class ScoreFunctionMessenger(Messenger):
-    """Make latent sample sites non-reparameterized (see :class:`NonReparameterized`).
-
-    :param sites: names of the sites to change, or None for every unobserved sample site.
-    :param baseline: None, or a dict of Pyro baseline options put in ``site["infer"]["baseline"]``,
-        e.g. ``{"use_decaying_avg_baseline": True, "baseline_beta": 0.9}`` (note: Pyro's key is
-        ``"baseline"``, singular).
-    """
-
-    def __init__(self, sites: Iterable[str] | None = None, baseline: Mapping | None = None):
-        super().__init__()
-        self.sites = None if sites is None else frozenset(sites)
-        self.baseline = None if baseline is None else dict(baseline)
-
-    def _pyro_sample(self, msg):
-        if msg["is_observed"] or (self.sites is not None and msg["name"] not in self.sites):
-            return
-        if not isinstance(msg["fn"], torch.distributions.Distribution):  # e.g. a plate's subsample site
-            return
-        if not isinstance(msg["fn"], NonReparameterized):
-            msg["fn"] = NonReparameterized(msg["fn"])
-        if self.baseline:
-            infer = dict(msg.get("infer") or {})
-            infer["baseline"] = {**infer.get("baseline", {}), **self.baseline}
-            msg["infer"] = infer
-
-
-def score_function(fn: Callable | None = None, sites=None, baseline=None):
-    """Handler form of :class:`ScoreFunctionMessenger`: ``score_function(guide)`` is a guide whose latent
-    sites are sampled without rsample, so ``TraceGraph_ELBO`` uses the score-function estimator."""
-    msngr = ScoreFunctionMessenger(sites=sites, baseline=baseline)
-    return msngr(fn) if fn is not None else msngr
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -367,6 +282,7 @@ DEFAULT_VAE_ESTIMATORS = ("reparam", "score", "score+baseline", "analytic",
 def _differentiable(objective) -> Callable:
     def est(model, guide, x):
         return objective.differentiable_loss(model, guide, x)
+    est.objective = objective
     return est
 
 
@@ -390,14 +306,7 @@ def _score_estimator(baseline: bool, baseline_beta: float = 0.9, warmup_steps: i
 
 
 def _objective(name: str, num_particles: int, estimator: str | None = None):
-    try:
-        from pyro_vae.objectives import make_objective
-    except ImportError as e:  # pragma: no cover - depends on the objectives package being present
-        raise ImportError(f"estimator needs pyro_vae.objectives.make_objective, which is unavailable: {e}") from e
-    kwargs = {"num_particles": num_particles}
-    if estimator is not None:
-        kwargs["estimator"] = estimator
-    return make_objective(name, **kwargs)
+    return make_objective(name, num_particles=num_particles, estimator=estimator)
 
 
 def make_estimator(name: str) -> Callable:
@@ -541,8 +450,6 @@ _VAE_COLUMNS = ("estimator", "repetitions", "num_coordinates", "mean_snr", "medi
 
 def write_vae_study(out_dir, rows: Sequence[Mapping]) -> dict[str, Path]:
     """Write ``gradient_variance_vae.{md,json,png}`` into ``out_dir`` (created); returns the paths."""
-    from .plots import plot_vae_gradient_study
-
     paths = _study_paths(out_dir, rows, "gradient_variance_vae")
     head = ("# Encoder-gradient variance on a VAE\n\n"
             "One-batch gradient estimates of the encoder parameters; SNR = |mean| / std per coordinate, "
@@ -551,3 +458,60 @@ def write_vae_study(out_dir, rows: Sequence[Mapping]) -> dict[str, Path]:
     paths["json"].write_text(json.dumps(list(rows), indent=2))
     plot_vae_gradient_study(rows, paths["png"])
     return paths
+
+
+# ----------------------------------------------------------------- gradient-variance studies
+_STYLE = {"score_function": ("tab:red", "o", "score function"),
+          "reparameterization": ("tab:blue", "s", "reparameterization")}
+
+
+def plot_gradient_variance(rows: Sequence[Mapping], path) -> Path:
+    """Log-log plot of the variance of the N-sample gradient estimate against N, one colour per estimator.
+
+    Empirical variances are markers (with +-1 standard-error bars from ``se_variance_closed_form`` when
+    present); closed forms ``closed_form_variance`` are lines. Rows as from ``toy_gradient_study``.
+    """
+    fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    names = list(dict.fromkeys(r["estimator"] for r in rows))
+    for i, name in enumerate(names):
+        sel = sorted((r for r in rows if r["estimator"] == name), key=lambda r: r["N"])
+        n = np.array([r["N"] for r in sel], dtype=float)
+        color, marker, label = _STYLE.get(name, (f"C{i}", "o", name))
+        ax.plot(n, [r["closed_form_variance"] for r in sel], "-", color=color, lw=1.2,
+                label=f"{label} (closed form)")
+        err = [r.get("se_variance_closed_form", 0.0) for r in sel]
+        ax.errorbar(n, [r["variance"] for r in sel], yerr=err, fmt=marker, color=color, ms=5, mfc="none",
+                    capsize=2, label=f"{label} (empirical)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("number of samples N")
+    ax.set_ylabel("variance of the gradient estimate")
+    phi = rows[0].get("phi") if rows else None
+    ax.set_title(f"Gradient variance, E[x^2], x ~ N(phi={phi}, 1)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_vae_gradient_study(rows: Sequence[Mapping], path) -> Path:
+    """Two bar charts per estimator: total variance of the encoder gradient (log scale) and mean SNR."""
+    names = [r["estimator"] for r in rows]
+    x = np.arange(len(names))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(6.0, 0.6 * len(names) + 3), 3.8))
+    ax1.bar(x, [max(r["total_variance"], 1e-300) for r in rows], color="tab:red")
+    ax1.set_yscale("log")
+    ax1.set_ylabel("total variance (sum over coordinates)")
+    ax2.bar(x, [r["mean_snr"] for r in rows], color="tab:blue")
+    ax2.set_ylabel("mean SNR = |mean| / std")
+    for ax in (ax1, ax2):
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+    fig.suptitle("Encoder-gradient estimators")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

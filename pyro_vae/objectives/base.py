@@ -1,0 +1,116 @@
+"""The base of every objective of this package: draw particles, apply one formula, return a Pyro loss.
+
+A :class:`ParticleObjective` is a :class:`pyro.infer.ELBO`, so it works with :class:`pyro.infer.SVI` on any
+model/guide; its ``differentiable_loss`` makes it usable as a torch loss (and inside
+``DistributedDataParallel``). Particles come from :func:`~pyro_vae.particles.draw_particles`: the model's
+trace-free twin when it has one (a :class:`~pyro_vae.vae.VAE`'s own model/guide), Pyro traces otherwise.
+A subclass states which optional terms its formula reads (``needs_kl``, :meth:`needs_stop_q`) and
+implements :meth:`bound`.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from pyro.infer import ELBO
+from pyro.util import warn_if_nan
+
+from ..particles import Particles, draw_particles, guess_plate_nesting, run_traces
+
+__all__ = ["ParticleObjective"]
+
+
+class ParticleObjective(ELBO):
+    """An objective that is a formula of K particles per data point (see :mod:`pyro_vae.objectives.bounds`).
+
+    :param int num_particles: K.
+    :param max_plate_nesting: the model's plate nesting, *not* counting the particle plate; guessed from one
+        dry run when ``inf`` (the trace-free twin needs none).
+    :param bool vectorize_particles: draw the K particles in one batched pass (default); ``False`` averages K
+        single-particle bounds drawn one after another (for models with dynamic structure).
+    :param kwargs: passed on to :class:`pyro.infer.ELBO` (e.g. ``retain_graph``).
+    """
+
+    #: the formula reads the closed-form KL term of the particles
+    needs_kl = False
+
+    def __init__(self, num_particles: int = 1, max_plate_nesting=float("inf"), vectorize_particles: bool = True,
+                 **kwargs):
+        if isinstance(num_particles, bool) or int(num_particles) != num_particles or int(num_particles) < 1:
+            raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
+        super().__init__(num_particles=int(num_particles), max_plate_nesting=max_plate_nesting,
+                         vectorize_particles=vectorize_particles, **kwargs)
+        self.max_plate_nesting = max_plate_nesting  # ELBO.__init__ adds 1 for particles; we keep the model's own
+        self._warned_sites: set[str] = set()
+
+    # ------------------------------------------------------------------------------------------ the formula
+    def needs_stop_q(self, for_gradients: bool) -> bool:
+        """Whether the formula reads log q with stop-gradient parameters (for its gradient estimator)."""
+        return False
+
+    def bound(self, particles: Particles) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bound, surrogate) of one draw: the scaled, summed bound and the tensor whose gradient is the
+        estimator (equal in value)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------ particles
+    def _draws(self, model, guide, args, kwargs, for_gradients: bool):
+        """The particle draws: one of K vectorized particles, or K of one particle each."""
+        stop_q = self.needs_stop_q(for_gradients)
+        draws, k = (1, self.num_particles) if self.vectorize_particles else (self.num_particles, 1)
+        for _ in range(draws):
+            yield draw_particles(model, guide, args, kwargs, num_particles=k, stop_q=stop_q, kl=self.needs_kl,
+                                 plate_nesting=lambda: self._plate_nesting(model, guide, args, kwargs),
+                                 require_rsample=for_gradients)
+
+    def _plate_nesting(self, model, guide, args, kwargs) -> int:
+        """The model's own plate nesting, guessed once from a dry run (only traced models need it)."""
+        if self.max_plate_nesting == float("inf"):
+            self.max_plate_nesting = guess_plate_nesting(model, guide, args, kwargs)
+        return int(self.max_plate_nesting)
+
+    def _warn_monte_carlo_kl(self, particles: Particles) -> None:
+        for name in particles.kl_monte_carlo:
+            if name not in self._warned_sites:
+                self._warned_sites.add(name)
+                warnings.warn(f"{type(self).__name__}: no closed-form KL registered for latent site {name!r}; "
+                              "using the Monte Carlo estimate log q(z) - log p(z) for it", RuntimeWarning,
+                              stacklevel=5)
+
+    def _bound_and_surrogate(self, model, guide, args, kwargs, for_gradients: bool):
+        bound = surrogate = 0.0
+        draws = 1 if self.vectorize_particles else self.num_particles
+        for particles in self._draws(model, guide, args, kwargs, for_gradients):
+            if self.needs_kl:
+                self._warn_monte_carlo_kl(particles)
+            b, s = self.bound(particles)
+            bound, surrogate = bound + b / draws, surrogate + s / draws
+        return bound, surrogate
+
+    # ------------------------------------------------------------------------------------------ pyro.infer.ELBO
+    def _get_trace(self, model, guide, args, kwargs):
+        """One (model_trace, guide_trace) pair with a single-particle plate (pyro.infer.ELBO's hook)."""
+        model_trace, guide_trace, _ = run_traces(model, guide, args, kwargs, 1,
+                                                 self._plate_nesting(model, guide, args, kwargs))
+        return model_trace, guide_trace
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        """The negative bound, as a tensor whose gradient is the objective's estimator."""
+        _, surrogate = self._bound_and_surrogate(model, guide, args, kwargs, for_gradients=True)
+        loss = -surrogate
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """The negative bound as a float."""
+        with torch.no_grad():
+            bound, _ = self._bound_and_surrogate(model, guide, args, kwargs, for_gradients=False)
+        return -float(bound)
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """The negative bound as a float, after backpropagating the estimator into the parameters."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        if loss.requires_grad:
+            loss.backward(retain_graph=self.retain_graph)
+        return float(loss.detach())

@@ -1,0 +1,429 @@
+r"""Particles: the per-(particle, data point) terms every objective is a formula of, and the two producers.
+
+For a model p(x, z) and a guide q(z|x), K particles z_kn ~ q(z | x_n) give, per particle k and *cell* n
+(a data point of the batch plate), the terms
+
+    log p(x_n | z_kn),   log p(z_kn),   log q(z_kn | x_n)                      (always)
+    log q_sg(z_kn | x_n)      q's density with stop-gradient parameters       (``stop_q=True``)
+    KL(q(z | x_n) || p(z))    closed form where registered, else log q - log p  (``kl=True``)
+
+and the batch scale (the data plate's subsampling factor N/B). The importance log weight is
+log w_kn = log p(x_n | z_kn) + log p(z_kn) - log q(z_kn | x_n). Every objective of
+:mod:`pyro_vae.objectives` is one formula of a :class:`Particles` (``pyro_vae/objectives/bounds.py``).
+
+**Two producers** give the same particles (same values and gradients for the same random state):
+
+* :func:`trace_particles`, for *any* Pyro model/guide: the guide and the model (replayed) run once under an
+  outermost particle plate of size K (``pyro.plate(PARTICLE_PLATE, K, dim=-(plate_nesting + 1))``), and each
+  site's log density is reduced per cell (:class:`CellLayout`).
+* a model's own trace-free **twin**: an object whose bound ``model``/``guide`` are passed may define
+  ``particles(*args, num_particles=, stop_q=, kl=, **kwargs)`` computing the same terms directly, and
+  ``particle_twin_of(model, guide)`` saying whether the pair is the one its twin mirrors.
+  :class:`~pyro_vae.vae.VAE` does (``VAE.particles`` next to ``VAE.model`` and ``VAE.guide``): the same maths
+  without Pyro's per-step tracing.
+
+:func:`draw_particles` picks the twin when there is one and traces otherwise.
+
+Why this module sits below :mod:`pyro_vae.vae` rather than inside :mod:`pyro_vae.objectives`: the VAE's twin
+builds :class:`Particles`, and imports run one way (data -> building blocks -> vae -> objectives).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.distributions import Distribution
+from torch.distributions.transforms import Transform
+
+import pyro
+import pyro.poutine as poutine
+from pyro.distributions.kl import kl_divergence
+from pyro.distributions.util import scale_and_mask
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.util import prune_subsample_sites
+from pyro.util import check_model_guide_match, check_site_shape, get_rng_state, set_rng_state
+
+__all__ = ["Particles", "draw_particles", "trace_particles", "particle_twin", "closed_form_kl",
+           "detach_distribution", "guess_plate_nesting", "run_traces", "CellLayout", "PARTICLE_PLATE", "NotReparameterizedError"]
+
+PARTICLE_PLATE = "num_particles_vectorized"
+
+
+class NotReparameterizedError(NotImplementedError):
+    """A guide latent site cannot be sampled by reparameterization (its distribution has no rsample)."""
+
+
+# ---------------------------------------------------------------------------------------------- the terms
+@dataclass
+class Particles:
+    """Per-particle, per-cell terms of one draw of K particles; every tensor has shape ``(K, *cells)``.
+
+    Attributes:
+        log_px_given_z: log p(x|z), summed over the observed sites of a cell.
+        log_pz: log p(z), summed over the model's latent sites.
+        log_qz: log q(z|x), summed over the guide's sites.
+        scale: the batch scale: prod(full size / size) over the cell plates (N/B when B of N points are drawn).
+        log_qz_stop: log q(z|x) with q's parameters stop-gradiented (only the path through z carries gradient).
+        kl: KL(q || p) per cell: closed form per latent site where registered, else log q - log p.
+        kl_monte_carlo: the latent sites whose KL term in ``kl`` is the Monte Carlo log q - log p.
+        has_plate: whether the cells are data points (a batch plate encloses every site); False means the
+            whole batch is one cell, shape ``(K,)``.
+    """
+
+    log_px_given_z: torch.Tensor
+    log_pz: torch.Tensor
+    log_qz: torch.Tensor
+    scale: float = 1.0
+    log_qz_stop: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    kl_monte_carlo: tuple = ()
+    has_plate: bool = True
+    gradient_scalers: list = field(default_factory=list, repr=False)
+
+    @property
+    def num_particles(self) -> int:
+        return self.log_qz.shape[0]
+
+    @property
+    def log_weights(self) -> torch.Tensor:
+        """log w = log p(x|z) + log p(z) - log q(z|x)."""
+        return self.log_px_given_z + self.log_pz - self.log_qz
+
+    @property
+    def log_weights_stop(self) -> torch.Tensor:
+        """log w with q's parameters stop-gradiented: equal in value to ``log_weights``; the guide's
+        parameters receive gradient only through z (the path derivative)."""
+        if self.log_qz_stop is None:
+            raise ValueError("these particles were drawn without stop_q=True")
+        return self.log_px_given_z + self.log_pz - self.log_qz_stop
+
+    def scale_latent_gradients(self, weights: torch.Tensor) -> None:
+        """Multiply the gradient reaching each latent value z_kn (from the terms above) by ``weights[k, n]``.
+
+        The model's parameters are untouched; the guide's receive the scaled path derivative (DReG)."""
+        for scaler in self.gradient_scalers:
+            scaler(weights.detach())
+
+    def per_point(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-cell values ``(*cells)`` summed to one value per data point of the outermost cell plate."""
+        if not self.has_plate:
+            raise ValueError("per-data-point evaluation needs every sample site of model and guide inside a common "
+                             "batch plate, e.g. `with pyro.plate('data', len(x)):`; found no plate shared by all sites")
+        return values.reshape(values.shape[0], -1).sum(-1)
+
+
+def closed_form_kl(q: Distribution, p: Distribution) -> torch.Tensor | None:
+    """KL(q || p) from Pyro's KL registry (with the pairs of :mod:`pyro_vae.objectives.kl`), or None."""
+    try:
+        return kl_divergence(q, p)
+    except NotImplementedError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+def particle_twin(model, guide) -> Callable | None:
+    """The trace-free twin ``owner.particles`` when ``model`` and ``guide`` are the bound methods of one object
+    whose twin mirrors exactly that pair (``owner.particle_twin_of(model, guide)``), else None."""
+    owner = getattr(model, "__self__", None)
+    if owner is None or getattr(guide, "__self__", None) is not owner:
+        return None
+    matches = getattr(owner, "particle_twin_of", None)
+    if matches is None or not matches(model, guide):
+        return None
+    return owner.particles
+
+
+def draw_particles(model, guide, args: tuple, kwargs: dict, *, num_particles: int = 1, stop_q: bool = False,
+                   kl: bool = False, plate_nesting=None, require_rsample: bool = False) -> Particles:
+    """K = ``num_particles`` particles from the twin of (model, guide) if it has one, else from traces.
+
+    ``plate_nesting`` is the model's own plate nesting, or a function returning it (called only when
+    tracing; guessed from one dry run when None). ``require_rsample`` raises
+    :class:`NotReparameterizedError` for a guide site without rsample.
+    """
+    twin = particle_twin(model, guide)
+    if twin is not None:
+        return twin(*args, num_particles=num_particles, stop_q=stop_q, kl=kl, **kwargs)
+    if callable(plate_nesting):
+        plate_nesting = plate_nesting()
+    if plate_nesting is None:
+        plate_nesting = guess_plate_nesting(model, guide, args, kwargs)
+    return trace_particles(model, guide, args, kwargs, num_particles, plate_nesting, stop_q=stop_q, kl=kl,
+                           require_rsample=require_rsample)
+
+
+# ---------------------------------------------------------------------------------------------- tracing
+def _sample_sites(trace) -> dict:
+    return {name: site for name, site in trace.nodes.items() if site["type"] == "sample"}
+
+
+def _latent_sites(trace) -> dict:
+    return {name: site for name, site in _sample_sites(trace).items() if not site["is_observed"]}
+
+
+def guess_plate_nesting(model, guide, args, kwargs) -> int:
+    """The model's own plate nesting (no particle plate): -min(dim) over vectorized plates, from one dry run.
+
+    The dry run restores the random number generators' state, so guessing does not shift the random stream."""
+    rng_state = get_rng_state()
+    try:
+        with poutine.block(), torch.no_grad():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    finally:
+        set_rng_state(rng_state)
+    dims = [frame.dim
+            for trace in (prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace))
+            for site in _sample_sites(trace).values()
+            for frame in site["cond_indep_stack"] if frame.vectorized]
+    return -min(dims) if dims else 0
+
+
+def _aliased(guide_trace):
+    """A trace for replay whose latent values are fresh autograd nodes ``z.view_as(z)`` (same values), so a
+    gradient hook on an alias sees exactly the gradient flowing from the model and log q_sg into z."""
+    replay_trace = poutine.Trace()
+    aliases = {}
+    for name, site in _latent_sites(guide_trace).items():
+        aliases[name] = site["value"].view_as(site["value"])
+        replay_trace.add_node(name, **dict(site, value=aliases[name]))
+    return replay_trace, aliases
+
+
+def run_traces(model, guide, args, kwargs, num_particles: int, plate_nesting: int, alias: bool = False):
+    """(model_trace, guide_trace, aliases): ``guide`` then ``model`` replayed, under an outermost particle plate
+    of size K at dim -(plate_nesting + 1), log densities computed, subsample sites pruned. With ``alias`` the
+    model consumes ``z.view_as(z)`` aliases of the latent values (returned by name)."""
+    plate = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(plate_nesting + 1))
+    guide_trace = poutine.trace(plate(guide)).get_trace(*args, **kwargs)
+    replay_trace, aliases = _aliased(guide_trace) if alias else (guide_trace, {})
+    model_trace = poutine.trace(poutine.replay(plate(model), trace=replay_trace)).get_trace(*args, **kwargs)
+    if is_validation_enabled():
+        check_model_guide_match(model_trace, guide_trace, plate_nesting + 1)
+    model_trace, guide_trace = prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
+    model_trace.compute_log_prob()
+    guide_trace.compute_log_prob()
+    if is_validation_enabled():
+        for site in list(_sample_sites(model_trace).values()) + list(_sample_sites(guide_trace).values()):
+            check_site_shape(site, plate_nesting + 1)
+    return model_trace, guide_trace, aliases
+
+
+def _check_rsample(guide_trace) -> None:
+    for name, site in _latent_sites(guide_trace).items():
+        if not site["fn"].has_rsample:
+            raise NotReparameterizedError(
+                f"this objective needs reparameterized guide sites, but guide site {name!r} "
+                f"({type(site['fn']).__name__}) has no rsample; use Trace_ELBO/TraceGraph_ELBO for it")
+
+
+def trace_particles(model, guide, args, kwargs, num_particles: int, plate_nesting: int, *, stop_q: bool = False,
+                    kl: bool = False, require_rsample: bool = False) -> Particles:
+    """The traced producer: K vectorized particles of any Pyro model/guide, reduced per cell.
+
+    Guide-only (auxiliary) sites count in log q(z|x) and in the KL term; with ``stop_q`` the model is replayed
+    against aliases of the latent values (see :meth:`Particles.scale_latent_gradients`).
+    """
+    model_trace, guide_trace, aliases = run_traces(model, guide, args, kwargs, num_particles, plate_nesting, stop_q)
+    if require_rsample:
+        _check_rsample(guide_trace)
+    layout = CellLayout.from_traces(model_trace, guide_trace, num_particles, plate_nesting)
+    model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
+    observed = {n: s for n, s in model_sites.items() if s["is_observed"]}
+    latent = {n: s for n, s in model_sites.items() if not s["is_observed"]}
+    p = Particles(log_px_given_z=layout.sum(observed), log_pz=layout.sum(latent), log_qz=layout.sum(guide_sites),
+                  scale=layout.scale, has_plate=bool(layout.kept))
+    if stop_q:
+        p.log_qz_stop = layout.sum(guide_sites, {n: detach_distribution(s["fn"]).log_prob(aliases.get(n, s["value"]))
+                                                 for n, s in guide_sites.items()})
+        p.gradient_scalers = [_hook_scaler(layout, aliases[n], s["fn"].event_dim)
+                              for n, s in _latent_sites(guide_trace).items()]
+    if kl:
+        p.kl, p.kl_monte_carlo = _traced_kl(layout, latent, guide_sites)
+    return p
+
+
+def _hook_scaler(layout: "CellLayout", alias: torch.Tensor, event_dim: int):
+    def scale(weights):
+        if alias.requires_grad:
+            factor = layout.broadcast_to_value(weights, event_dim)
+            alias.register_hook(lambda grad: grad * factor)
+    return scale
+
+
+def _traced_kl(layout: "CellLayout", model_latents: dict, guide_sites: dict):
+    """Per cell: sum over latent sites of KL(q_s || p_s) (closed form, or log q_s - log p_s), plus log q of
+    guide-only sites. Returns (kl, names of the sites estimated by Monte Carlo)."""
+    terms, monte_carlo = [], []
+    for name, guide_site in guide_sites.items():
+        model_site = model_latents.get(name)
+        kl = None if model_site is None else closed_form_kl(guide_site["fn"], model_site["fn"])
+        if kl is not None:
+            kl = kl.expand(guide_site["fn"].batch_shape) if torch.is_tensor(kl) else \
+                torch.full(guide_site["fn"].batch_shape, float(kl))
+            terms.append(layout.reduce(guide_site, kl))
+            continue
+        terms.append(layout.reduce(guide_site, guide_site["unscaled_log_prob"]))
+        if model_site is not None:
+            monte_carlo.append(name)
+            terms.append(-layout.reduce(model_site, model_site["unscaled_log_prob"]))
+    return layout.total(terms), tuple(monte_carlo)
+
+
+# ---------------------------------------------------------------------------------------------- cells
+@dataclass(frozen=True)
+class CellLayout:
+    """How to reduce a site's log density (batch-shaped) to per-particle, per-cell values ``(K, *shape)``.
+
+    ``kept`` are the (name, dim, size) of the plates common to every sample site, outermost first: the joint
+    density factorizes over them, and so does the importance-sampling problem. Every other dimension (event
+    dims, plates only some sites live in) is summed. ``scale`` = prod(full_size / size) over the kept plates:
+    each site's log density is scaled *relative* to it, and the subsampling factor multiplies the per-cell
+    bound afterwards (for a subsampled data plate, log p(data) ~ (N/B) sum_batch log p(x_n); the factor
+    belongs outside the log-sum-exp).
+    """
+
+    num_particles: int
+    plate_nesting: int
+    kept: tuple
+    scale: float
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(size for _, _, size in self.kept)
+
+    @classmethod
+    def from_traces(cls, model_trace, guide_trace, num_particles: int, plate_nesting: int) -> "CellLayout":
+        stacks = [{(f.name, f.dim, f.size, f.full_size) for f in site["cond_indep_stack"]
+                   if f.vectorized and f.name != PARTICLE_PLATE}
+                  for trace in (model_trace, guide_trace) for site in _sample_sites(trace).values()]
+        common = set.intersection(*stacks) if stacks else set()
+        frames = sorted(common, key=lambda f: f[1])
+        scale = math.prod((full if full is not None else size) / size for _, _, size, full in frames)
+        return cls(num_particles, plate_nesting, tuple((n, d, s) for n, d, s, _ in frames), float(scale))
+
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros((self.num_particles,) + tuple(self.shape))
+
+    def total(self, terms: list) -> torch.Tensor:
+        """The sum of reduced terms (on their device and dtype), or zeros when there are none."""
+        return sum(terms[1:], terms[0]) if terms else self.zeros()
+
+    def reduce(self, site, log_prob: torch.Tensor) -> torch.Tensor:
+        """Mask, rescale relative to ``self.scale`` and sum ``log_prob`` down to shape ``(K, *self.shape)``."""
+        log_prob = scale_and_mask(log_prob, site["scale"] / self.scale, site["mask"])
+        total = self.plate_nesting + 1
+        if log_prob.dim() > total:
+            raise ValueError(f"site {site['name']!r}: log_prob has shape {tuple(log_prob.shape)}, more batch dims "
+                             f"than plate nesting {self.plate_nesting} + 1 particle dim")
+        log_prob = log_prob.reshape((1,) * (total - log_prob.dim()) + log_prob.shape)
+        keep = {0} | {total + dim for _, dim, _ in self.kept}
+        sum_dims = [i for i in range(total) if i not in keep]
+        if sum_dims:
+            log_prob = log_prob.sum(sum_dims, keepdim=True)
+        log_prob = log_prob.reshape([log_prob.shape[i] for i in sorted(keep)])
+        return log_prob.expand((self.num_particles,) + tuple(self.shape))
+
+    def sum(self, sites: dict, log_probs: dict | None = None) -> torch.Tensor:
+        """Sum over ``sites`` of the reduced log densities (``site['unscaled_log_prob']`` unless given)."""
+        return self.total([self.reduce(site, site["unscaled_log_prob"] if log_probs is None else log_probs[name])
+                           for name, site in sites.items()])
+
+    def broadcast_to_value(self, cell_tensor: torch.Tensor, event_dim: int) -> torch.Tensor:
+        """Inverse of :meth:`reduce` for shapes: ``(K, *self.shape)`` -> broadcastable to a site's value."""
+        total = self.plate_nesting + 1
+        shape = [1] * total
+        shape[0] = self.num_particles
+        for (_, dim, size) in self.kept:
+            shape[total + dim] = size
+        return cell_tensor.reshape(shape + [1] * event_dim)
+
+
+# ---------------------------------------------------------------------------------------------- stop-gradient
+def detach_distribution(fn: Distribution) -> Distribution:
+    """A copy of ``fn`` with stop-gradient parameters: the same density, no gradient to the parameters.
+
+    The distribution is shallow-copied with every tensor attribute detached (parameters and cached lazy
+    properties such as MultivariateNormal's ``_unbroadcasted_scale_tril``), recursing into nested
+    distributions (``Independent``, ``ExpandedDistribution``, ``MaskedDistribution``, ...) and into the
+    transforms of a ``TransformedDistribution``, whose caches are dropped so that ``log_prob`` inverts the
+    transform through the value rather than reusing the forward pass. Neural transforms are supported too:
+    an ``nn.Module`` they call (e.g. the MADE network of Pyro's conditional affine autoregressive flow,
+    held in a ``functools.partial`` with its context) is replaced by a callable that runs it with detached
+    weights (:func:`torch.func.functional_call`). Inverting an autoregressive flow through the value costs
+    d sequential network passes per step.
+
+    Raises TypeError for other callables (a lambda), whose parameters cannot be reached. The copy treats
+    ``fn``'s parameters as constants: for a guide site whose parameters depend on other latent values (a
+    hierarchical guide), that dependence is cut too.
+    """
+    return _detach_object(fn, type(fn).__name__, {})
+
+
+class _FrozenModule:
+    """Calls ``module`` with every parameter and buffer detached (attribute access passes through)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        state = {name: t.detach() for name, t in
+                 [*self.module.named_parameters(), *self.module.named_buffers()]}
+        return torch.func.functional_call(self.module, state, args, kwargs)
+
+    def __getattr__(self, name):
+        if name == "module":  # not yet set (e.g. while being copied)
+            raise AttributeError(name)
+        return getattr(self.module, name)
+
+
+_TRANSFORM_CACHES = {"_cached_x_y": (None, None), "_cached_log_scale": None}
+
+
+def _detach_object(obj, owner: str, memo: dict):
+    """Shallow copy of ``obj`` with detached attributes; ``memo`` (id -> copy) handles cycles such as a
+    transform and its ``_InverseTransform`` referring to each other."""
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if isinstance(obj, torch.nn.Module) and not isinstance(obj, Transform):
+        memo[id(obj)] = _FrozenModule(obj)
+        return memo[id(obj)]
+    new = memo[id(obj)] = copy.copy(obj)
+    for key, value in vars(obj).items():
+        if isinstance(obj, Transform) and key in _TRANSFORM_CACHES:
+            value = _TRANSFORM_CACHES[key]
+        elif isinstance(obj, Transform) and key == "_inv" and not isinstance(value, Transform):
+            value = None  # a weakref to the *original* inverse, which would use undetached parameters
+        new.__dict__[key] = _detach_value(value, f"{owner}.{key}", memo)
+    return new
+
+
+def _detach_value(value, owner: str, memo: dict):
+    if torch.is_tensor(value):
+        return value.detach()
+    if isinstance(value, (Distribution, Transform, torch.nn.Module)):
+        return _detach_object(value, owner, memo)
+    if isinstance(value, dict):
+        return type(value)((k, _detach_value(v, owner, memo)) for k, v in value.items())
+    if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
+        items = [_detach_value(v, owner, memo) for v in value]
+        return type(value)(items) if not hasattr(value, "_fields") else type(value)(*items)
+    if isinstance(value, functools.partial):
+        new = functools.partial(_detach_value(value.func, owner, memo), *_detach_value(value.args, owner, memo),
+                                **_detach_value(value.keywords, owner, memo))
+        new.__dict__.update(vars(value))
+        return new
+    if callable(value) and not isinstance(value, type) and not _is_method_of_module(value):
+        raise TypeError(f"cannot detach the parameters of {owner}: it holds the callable {value!r}; "
+                        "stop-gradient estimators (dreg, stl) support distributions whose parameters are tensors "
+                        "or nn.Modules")
+    return value
+
+
+def _is_method_of_module(value) -> bool:
+    """A bound method of an nn.Module (e.g. a flow's ``get_permutation``): harmless metadata, kept as is."""
+    return isinstance(getattr(value, "__self__", None), torch.nn.Module)

@@ -1,0 +1,1 @@
+"""Research drivers built on the library (not part of its core): the gradient-variance study."""
