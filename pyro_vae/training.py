@@ -207,7 +207,10 @@ class TrainState:
         return _all_finite(torch.as_tensor(self.partial_loss), self.vae)
 
     def checkpoint(self, epoch_done: bool = True) -> dict:
-        """A dict of tensors and plain values: at an epoch's end, or mid-epoch after ``step_in_epoch`` steps."""
+        """A dict of tensors and plain values: at an epoch's end, or mid-epoch after ``step_in_epoch`` steps.
+
+        The model and optimizer tensors are the live ones (as ``state_dict()`` gives them): save the dict (as
+        :class:`~pyro_vae.runs.RunWriter` does) or ``copy.deepcopy`` it before training goes on."""
         rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
         if not epoch_done:
             rng["epoch_generator"] = self.epoch_rng

@@ -10,7 +10,7 @@ r"""A linear-Gaussian latent variable model with everything in closed form, for 
 
 Usable by any test: ``lg = LinearGaussian.random(d=2, D=4)``, ``x = lg.sample(5)``, ``lg.model(x)``,
 ``lg.exact_guide``, ``lg.offset_guide(shift, widen)``, ``diagonal_guide(loc, scale)``, ``lg.elbo(x, loc, cov)``,
-``lg.log_marginal(x)``.
+``lg.log_marginal(x)``, ``lg.renyi_bound(x, loc, cov, alpha)``.
 Everything is float64 by default so closed-form comparisons are not limited by float32 round-off.
 """
 from __future__ import annotations
@@ -106,6 +106,24 @@ class LinearGaussian:
         expected_loglik = -0.5 * self.D * math.log(2 * math.pi * self.sigma**2) - expected_sq / (2 * self.sigma**2)
         kl = 0.5 * (cov.diagonal(dim1=-2, dim2=-1).sum(-1) + loc.pow(2).sum(-1) - self.d - torch.logdet(cov))
         return expected_loglik - kl
+
+
+    def renyi_bound(self, x: torch.Tensor, loc: torch.Tensor, cov: torch.Tensor, alpha: float) -> torch.Tensor:
+        """Closed-form variational Renyi bound per row, L_alpha = 1/(1-alpha) log E_q[(p(x,z)/q(z|x))^(1-alpha)]
+        = log p(x) - D_alpha(q || p(z|x)), for the guide q = N(loc_n, cov_n) and 0 <= alpha < 1, with the
+        Renyi divergence of Gaussians P = N(m1, S1), Q = N(m2, S2) and S_a = a S2 + (1 - a) S1:
+            D_a(P || Q) = a/2 (m1 - m2)^T S_a^-1 (m1 - m2) - 1/(2 (a - 1)) log(det S_a / (det S1^(1-a) det S2^a)).
+        """
+        m, S = self.posterior(x)
+        cov = cov.expand(x.shape[0], self.d, self.d)
+        if alpha == 0:
+            return self.log_marginal(x)
+        s_a = alpha * S + (1 - alpha) * cov
+        diff = (loc - m).unsqueeze(-1)
+        quad = (diff.transpose(-1, -2) @ torch.linalg.solve(s_a, diff)).reshape(-1)
+        log_ratio = torch.logdet(s_a) - (1 - alpha) * torch.logdet(cov) - alpha * torch.logdet(S)
+        divergence = alpha / 2 * quad - log_ratio / (2 * (alpha - 1))
+        return self.log_marginal(x) - divergence
 
 
 def diagonal_guide(loc: torch.Tensor, scale: torch.Tensor):

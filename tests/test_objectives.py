@@ -18,7 +18,7 @@ from torch.distributions import transforms as T
 from torch.distributions.kl import _dispatch_kl
 
 from linear_gaussian import LinearGaussian, diagonal_guide, lowrank_guide, mvn_guide
-from pyro_vae.objectives import AnalyticKLELBO, IWAEELBO, OBJECTIVES, make_objective
+from pyro_vae.objectives import AnalyticKLELBO, IWAEELBO, OBJECTIVES, RenyiBound, make_objective
 from pyro_vae.particles import detach_distribution, draw_particles
 from pyro_vae.objectives.kl import kl_diag_normal_lowrank, kl_lowrank_diag_normal, kl_lowrank_mvn, kl_mvn_diag_normal
 
@@ -349,12 +349,13 @@ def test_subsampling_scales_the_per_point_bounds(lg, x):
 
 
 # ============================================================================================ gradient estimators
-def _guide_gradients(lg, x, estimator, k, repetitions, shift=0.3, widen=1.3):
+def _guide_gradients(lg, x, estimator, k, repetitions, shift=0.3, widen=1.3, alpha=0.0):
     """Samples (repetitions, 4 * N) of the guide gradient (loc, log scale) under the seeds 0, 1, ...
     Seeds are shared between estimators, so differences are paired (common random numbers)."""
     loc, scale = off_guide_params(lg, x, shift, widen)
     loc, log_scale = loc.requires_grad_(), scale.log().requires_grad_()
-    objective = IWAEELBO(num_particles=k, estimator=estimator)
+    objective = RenyiBound(alpha, num_particles=k, estimator=estimator) if alpha else \
+        IWAEELBO(num_particles=k, estimator=estimator)
 
     def one():
         loss = objective.differentiable_loss(lg.model, diagonal_guide(loc, log_scale.exp()), x)
@@ -421,6 +422,98 @@ def test_model_gradient_and_value_are_shared_by_all_estimators(x):
 def test_unknown_estimator_is_refused():
     with pytest.raises(ValueError, match="dreg"):
         IWAEELBO(num_particles=2, estimator="vimco")
+
+
+# ============================================================================================ Renyi bound
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 0.95)
+
+
+def test_renyi_closed_form_runs_from_log_marginal_to_the_elbo(lg, x):
+    """The scaffolding itself: L_0 = log p(x), L_alpha decreasing in alpha, L_alpha -> ELBO as alpha -> 1."""
+    loc, scale = off_guide_params(lg, x)
+    cov = torch.diag_embed(scale.pow(2))
+    values = torch.stack([lg.renyi_bound(x, loc, cov, a) for a in ALPHAS + (1 - 1e-7,)])
+    assert torch.allclose(values[0], lg.log_marginal(x), atol=1e-12)
+    assert (values[:-1] > values[1:]).all()
+    assert torch.allclose(values[-1], lg.elbo(x, loc, cov), atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.5, 0.75])
+def test_renyi_estimate_converges_to_the_closed_form(lg, x, alpha):
+    """With K particles the estimate's mean is L_alpha plus a delta-method bias
+    -Var(v) / (2 K (1 - alpha) E[v]^2), v = w^(1 - alpha); it must match to 4 standard errors."""
+    loc, scale = off_guide_params(lg, x)
+    guide = diagonal_guide(loc, scale)
+    exact = lg.renyi_bound(x, loc, torch.diag_embed(scale.pow(2)), alpha).sum()
+    k = 500
+    pyro.set_rng_seed(123)
+    v = ((1 - alpha) * draw_particles(lg.model, guide, (x,), {}, num_particles=200_000).log_weights).exp()
+    bias = (-v.var(0) / (2 * k * (1 - alpha) * v.mean(0).pow(2))).sum()
+    objective = RenyiBound(alpha, num_particles=k)
+    mean, se = mean_and_se(repeat(lambda: -objective.loss(lg.model, guide, x), 60))
+    assert abs(bias) < 0.05  # K is large enough for the expansion
+    assert abs(mean - (exact + bias)) < Z_MAX * se
+
+
+def test_renyi_estimate_decreases_in_alpha_for_every_draw(lg, x):
+    """For the same particles, (1/K sum_k w_k^p)^(1/p) is a power mean, increasing in p = 1 - alpha."""
+    guide = diagonal_guide(*off_guide_params(lg, x))
+    for seed in range(5):
+        values = []
+        for alpha in ALPHAS:
+            pyro.set_rng_seed(seed)
+            values.append(-RenyiBound(alpha, num_particles=8).loss(lg.model, guide, x))
+        assert all(a > b for a, b in zip(values, values[1:])), values
+
+
+def test_renyi_at_alpha_zero_is_the_iwae_bound_with_every_estimator(lg, x):
+    loc, scale = off_guide_params(lg, x)
+    loc.requires_grad_()
+    for estimator in ("iwae", "dreg", "stl"):
+        results = []
+        for objective in (RenyiBound(0.0, num_particles=5, estimator=estimator),
+                          IWAEELBO(num_particles=5, estimator=estimator)):
+            pyro.set_rng_seed(9)
+            loss = objective.differentiable_loss(lg.model, diagonal_guide(loc, scale), x)
+            results.append((loss.detach(), torch.autograd.grad(loss, loc)[0]))
+        (a, ga), (b, gb) = results
+        assert torch.equal(a, b) and torch.equal(ga, gb)
+
+
+def test_renyi_equals_pyros_renyi_elbo(lg, x):
+    """Per-data-point bounds, as Pyro's RenyiELBO computes them when the data plate encloses every site: the
+    same value and gradient."""
+    loc, scale = off_guide_params(lg, x)
+
+    def guide(x):
+        loc_param = pyro.param("loc", loc.clone())
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc_param, scale).to_event(1))
+
+    results = []
+    for objective in [RenyiBound(0.5, num_particles=7, max_plate_nesting=1),
+                      pyro.infer.RenyiELBO(alpha=0.5, num_particles=7, vectorize_particles=True, max_plate_nesting=1)]:
+        pyro.clear_param_store()
+        pyro.set_rng_seed(3)
+        value = objective.loss_and_grads(lg.model, guide, x)
+        results.append((value, pyro.param("loc").unconstrained().grad.clone()))
+    (a, ga), (b, gb) = results
+    assert math.isclose(a, b, rel_tol=1e-12) and torch.allclose(ga, gb, rtol=1e-10)
+
+
+def test_renyi_dreg_is_unbiased_with_higher_snr(lg, x):
+    """The doubly reparameterized VR gradient, sum_k (alpha w~_k + (1 - alpha) w~_k^2) dlog w_k/dz dz/dphi,
+    has the mean of the bound's own gradient, and a higher guide SNR."""
+    g_plain, g_dreg = (_guide_gradients(lg, x, e, 32, 200, alpha=0.5) for e in ("iwae", "dreg"))
+    assert _paired_z(g_dreg, g_plain).abs().max() < Z_MAX
+    snr = [g.mean(0).abs() / g.std(0) for g in (g_plain, g_dreg)]
+    assert snr[1].mean() > 2 * snr[0].mean()
+
+
+def test_renyi_refuses_alpha_outside_the_unit_interval():
+    for alpha in (-0.5, 1.0, 2.0):
+        with pytest.raises(ValueError, match=r"alpha in \[0, 1\)"):
+            RenyiBound(alpha)
 
 
 # ============================================================================================ detach helper

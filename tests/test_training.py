@@ -1,0 +1,127 @@
+"""fit: options, KL warm-up, objective instances, warnings that reach the user, callbacks and resume."""
+import copy
+
+import pytest
+import torch
+
+import pyro
+
+from pyro_vae import VAE, ConditionalVAE, PosteriorFamily, fit, load_dataset
+from pyro_vae.objectives import AnalyticKLELBO, IWAEELBO, MonteCarloELBO
+from pyro_vae.training import Callback
+
+TINY = dict(epochs=1, batch_size=64, progress=False)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def tiny_vae(digits, **kwargs):
+    torch.manual_seed(0)
+    return VAE(digits.input_shape, z_dim=2, hidden=(16,), **kwargs)
+
+
+def test_kl_warmup_anneals_a_copy_from_zero_to_the_objectives_own_beta(digits):
+    objective = AnalyticKLELBO(beta=0.5)
+    history = fit(tiny_vae(digits), digits.x_train[:256], objective=objective, kl_warmup=2,
+                  **{**TINY, "epochs": 4})
+    assert [m["beta"] for m in history] == [0.25, 0.5, 0.5, 0.5]
+    assert objective.beta == 0.5  # the caller's object is left as it was
+
+
+def test_options_given_with_an_objective_instance_are_an_error(digits):
+    for option in ({"beta": 0.5}, {"num_particles": 5}, {"estimator": "dreg"}):
+        with pytest.raises(ValueError, match=f"{next(iter(option))} given together with the objective instance"):
+            fit(tiny_vae(digits), digits.x_train[:64], objective=IWAEELBO(num_particles=2), **option, **TINY)
+
+
+def test_options_reach_an_objective_given_by_name(digits):
+    history = fit(tiny_vae(digits), digits.x_train[:128], objective="analytic", beta=0.25, **TINY)
+    assert history[0]["beta"] == 0.25
+    with pytest.raises(ValueError, match="objective 'elbo' does not take estimator"):
+        fit(tiny_vae(digits), digits.x_train[:64], objective="elbo", estimator="dreg", **TINY)
+
+
+def test_the_monte_carlo_kl_warning_reaches_a_user_of_fit(digits):
+    vae = tiny_vae(digits, guide="studentt")
+    with pytest.warns(RuntimeWarning, match="no closed-form KL registered for latent site 'z'"):
+        fit(vae, digits.x_train[:128], objective="analytic", **TINY)
+
+
+def test_a_non_reparameterized_posterior_is_refused_by_fit(digits):
+    class Discrete(PosteriorFamily):
+        num_params = 4
+
+        def forward(self, params):
+            return pyro.distributions.Bernoulli(logits=params[..., :2]).to_event(1)
+
+        def mean(self, params):
+            return params[..., :2]
+
+    vae = VAE(digits.input_shape, z_dim=2, hidden=(8,), guide=Discrete(2))
+    with pytest.raises(NotImplementedError, match="no rsample"):
+        fit(vae, digits.x_train[:64], **TINY)
+
+
+@pytest.mark.parametrize("objective", ["elbo", "analytic", "iwae", "renyi"])
+def test_every_objective_lowers_the_loss_on_digits(digits, objective):
+    vae = tiny_vae(digits)
+    history = fit(vae, digits.x_train, digits.x_val, objective=objective, epochs=6, batch_size=64, lr=3e-3,
+                  progress=False, **({"num_particles": 3} if objective in ("iwae", "renyi") else {}))
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 2.0
+    assert history[-1]["val_elbo"] > history[0]["val_elbo"]
+
+
+def test_pyros_trace_elbo_in_fit_equals_our_particle_elbo(digits):
+    """fit maps Pyro's Trace_ELBO to MonteCarloELBO (run on the VAE's twin): the same training, bit for bit."""
+    results = []
+    for objective in (pyro.infer.Trace_ELBO(), MonteCarloELBO()):
+        vae = tiny_vae(digits)
+        fit(vae, digits.x_train[:256], objective=objective, seed=3, **{**TINY, "epochs": 2})
+        results.append(torch.cat([p.detach().flatten() for p in vae.parameters()]))
+    assert torch.equal(*results)
+
+
+def test_callbacks_see_every_step_and_epoch_and_can_stop_training(digits):
+    class Recorder(Callback):
+        def __init__(self):
+            self.steps, self.epochs = 0, []
+
+        def on_step_end(self, state):
+            self.steps += 1
+
+        def on_epoch_end(self, state, metrics):
+            self.epochs.append(metrics["epoch"])
+            state.stop = metrics["epoch"] == 2
+
+    recorder = Recorder()
+    history = fit(tiny_vae(digits), digits.x_train[:256], callbacks=[recorder], **{**TINY, "epochs": 5})
+    assert recorder.epochs == [1, 2] and len(history) == 2
+    assert recorder.steps == 2 * 4  # 256 points in batches of 64
+
+
+def test_a_resumed_fit_equals_an_uninterrupted_one(digits):
+    class Stop(Callback):
+        def __init__(self):
+            self.saved = None
+
+        def on_step_end(self, state):
+            if state.global_step == 6:  # mid-epoch 2 (4 steps per epoch)
+                self.saved = copy.deepcopy(state.checkpoint(epoch_done=False))  # tensors are live
+
+    full = tiny_vae(digits)
+    fit(full, digits.x_train[:256], seed=1, **{**TINY, "epochs": 3})
+    stop = Stop()
+    fit(tiny_vae(digits), digits.x_train[:256], seed=1, callbacks=[stop], **{**TINY, "epochs": 3})
+    resumed = tiny_vae(digits)
+    fit(resumed, digits.x_train[:256], seed=1, resume_state=stop.saved, **{**TINY, "epochs": 3})
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_float64_conditional_vae_trains(digits):
+    vae = ConditionalVAE(digits.input_shape, num_classes=10, z_dim=2, hidden=(16,), prior="learned").double()
+    history = fit(vae, (digits.x_train[:128], digits.y_train[:128]), (digits.x_val, digits.y_val), **TINY)
+    assert next(vae.parameters()).dtype == torch.float64 and history[0]["val_elbo"] < 0
