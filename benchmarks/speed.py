@@ -1,28 +1,36 @@
-"""Training-step and evaluation speed: pyro-vae vs the same maths hand-written in PyTorch vs Pyro's stock SVI.
+"""Training and evaluation speed: pyro-vae's ``fit`` against the same training written by hand in PyTorch.
 
-Every row times three implementations of one training step on the same network (784-400-20 MLP VAE, Bernoulli
-likelihood), the same batch and the same number of samples, interleaved in one process: several repetitions of
-`--steps` steps each, the median per-step time of each, and the ratios.
+**Training rows.** One epoch of :func:`pyro_vae.fit` against a hand-written epoch loop: the same 784-400-20
+MLP VAE (Bernoulli likelihood), the same data with dynamic binarization (a fresh draw each epoch from a
+generator, a random permutation, minibatches), the same estimator and **the same optimizer** (torch's fused
+Adam, which ``fit`` uses). The hand-written loop accumulates the loss on the device and reads it once per
+epoch, as ``fit`` does. They run interleaved in one process: ``fit`` trains ``--reps`` + 1 epochs and, after
+each of its epochs, a callback times one hand-written epoch (of a separate copy of the model); the first epoch
+of each is warm-up. Medians of the per-epoch wall times. Second references: the hand-written loop with torch's
+default (foreach) Adam, and ``fit(compile=True)`` (its first epoch, which compiles, excluded).
 
-* ours: the step `pyro-vae train` runs (`pyro_vae.training.train_step`: the objective's loss through
-  `_ObjectiveLoss`, one fused torch Adam from `make_adam`);
-* hand: the same estimator written directly in PyTorch, with torch's default Adam (`torch.optim.Adam(params)`,
-  the foreach implementation on CPU);
-* pyro: Pyro's stock `SVI.step` with `pyro.optim.Adam` and Trace_ELBO / TraceMeanField_ELBO / RenyiELBO(alpha=0).
+**Evaluation row.** Points per second of the K = 5000 importance-sampled log-likelihood
+(:func:`pyro_vae.evaluation.log_likelihood`) against a hand-written batched estimator (chunks, streamed
+logsumexp), with and without ``torch.compile`` of our particle twin.
 
-The evaluation row compares importance-sampled log-likelihood throughput (K=5000, data points per second) of
-`pyro_vae.evaluation.log_likelihood` with a hand-written batched PyTorch estimator.
+**Scaling.** ms per optimizer step against batch size (K = 1) and against K (batch 128) for the hand-written
+step, pyro-vae eager and pyro-vae compiled, as a PNG.
 
-    python benchmarks/speed.py                       # the full table (a few minutes on 2 cores)
-    python benchmarks/speed.py --quick               # a smoke run (what the tests execute)
+    python benchmarks/speed.py                          # training table, 1, 2 and 4 threads
+    python benchmarks/speed.py --eval --eval-points 10000   # + evaluation on the whole MNIST test set
+    python benchmarks/speed.py --scaling                # + the scaling figure
+    python benchmarks/speed.py --quick                  # a smoke run (what the tests execute)
+
+Runs unchanged on a GPU when one is present (``--device auto``) and prints the device.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
+import os
 import platform
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -31,20 +39,19 @@ import torch
 import torch.nn.functional as F
 
 import pyro
-from pyro.infer import SVI, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 
-from pyro_vae import VAE
-from pyro_vae.objectives import make_objective
-from pyro_vae.objectives import ParticleObjective
-from pyro_vae.training import ObjectiveModule, TrainState, guarded_step, make_adam
+import pyro_vae
+from pyro_vae.evaluation import log_likelihood
+from pyro_vae.training import Callback, ObjectiveModule, TrainState, guarded_step, make_adam, resolve_device
 
 Z, H = 20, 400
+ROWS = [("ELBO", "elbo", {}, 20), ("ELBO", "elbo", {}, 128), ("analytic KL", "analytic", {}, 128),
+        ("IWAE K=5", "iwae", {"num_particles": 5}, 20), ("IWAE K=50", "iwae", {"num_particles": 50}, 128)]
 
 
-# ----------------------------------------------------------------- hand-written references
+# ---------------------------------------------------------------------------------------------- hand-written
 def _encode(vae, x):
-    h = vae.encoder.net(x.flatten(1))
-    mu, raw = h.split(Z, -1)
+    mu, raw = vae.encoder.net(x.flatten(1)).split(Z, -1)
     return mu, F.softplus(raw) + 1e-5
 
 
@@ -53,157 +60,279 @@ def _log_w(vae, x, mu, sigma, eps):
     z = mu + sigma * eps
     logits = vae.decoder.net(z)
     log_px = -F.binary_cross_entropy_with_logits(logits, x.flatten(1).expand_as(logits), reduction="none").sum(-1)
-    log_pz = -0.5 * (z ** 2).sum(-1)
-    log_q = (-0.5 * eps ** 2 - sigma.log()).sum(-1)
-    return log_px + log_pz - log_q  # the 0.5 log 2 pi terms cancel
+    return log_px - 0.5 * (z ** 2).sum(-1) + (0.5 * eps ** 2 + sigma.log()).sum(-1)  # the log 2 pi terms cancel
 
 
-def hand_elbo(vae, x):
-    mu, sigma = _encode(vae, x)
-    return -_log_w(vae, x, mu, sigma, torch.randn_like(mu)).sum()
+def hand_loss(objective, options):
+    """The negative bound summed over the batch, written directly."""
+    k = options.get("num_particles", 1)
 
-
-def hand_analytic(vae, x):
-    mu, sigma = _encode(vae, x)
-    z = mu + sigma * torch.randn_like(mu)
-    logits = vae.decoder.net(z)
-    rec = -F.binary_cross_entropy_with_logits(logits, x.flatten(1), reduction="sum")
-    kl = 0.5 * (mu ** 2 + sigma ** 2 - 1 - 2 * sigma.log()).sum()
-    return -(rec - kl)
-
-
-def hand_iwae(k):
-    def loss(vae, x):
+    def elbo(vae, x):
         mu, sigma = _encode(vae, x)
-        log_w = _log_w(vae, x, mu, sigma, torch.randn(k, *mu.shape))
+        return -_log_w(vae, x, mu, sigma, torch.randn_like(mu)).sum()
+
+    def analytic(vae, x):
+        mu, sigma = _encode(vae, x)
+        z = mu + sigma * torch.randn_like(mu)
+        rec = -F.binary_cross_entropy_with_logits(vae.decoder.net(z), x.flatten(1), reduction="sum")
+        return -(rec - 0.5 * (mu ** 2 + sigma ** 2 - 1 - 2 * sigma.log()).sum())
+
+    def iwae(vae, x):
+        mu, sigma = _encode(vae, x)
+        log_w = _log_w(vae, x, mu, sigma, torch.randn(k, *mu.shape, device=mu.device))
         return -(torch.logsumexp(log_w, 0) - math.log(k)).sum()
 
-    return loss
+    return {"elbo": elbo, "analytic": analytic, "iwae": iwae}[objective]
 
 
-ROWS = [  # name, our objective, hand-written loss, Pyro's stock objective
-    ("ELBO (Trace_ELBO)", lambda: make_objective("elbo"), hand_elbo, lambda: Trace_ELBO()),
-    ("analytic KL", lambda: make_objective("analytic"), hand_analytic, lambda: TraceMeanField_ELBO()),
-    ("IWAE K=5", lambda: make_objective("iwae", num_particles=5), hand_iwae(5),
-     lambda: RenyiELBO(alpha=0, num_particles=5)),
-    ("IWAE K=50", lambda: make_objective("iwae", num_particles=50), hand_iwae(50),
-     lambda: RenyiELBO(alpha=0, num_particles=50)),
-]
+class HandWritten:
+    """A hand-written training loop on its own copy of the VAE and its own optimizer."""
+
+    def __init__(self, vae, loss, optimizer: str, device):
+        self.vae, self.loss = copy.deepcopy(vae), loss
+        params = list(self.vae.parameters())
+        self.opt = make_adam(params, 1e-3, device) if optimizer == "fused" else torch.optim.Adam(params, lr=1e-3)
+        self.generator = torch.Generator(device=device).manual_seed(1)
+
+    def epoch(self, x, batch_size):
+        xs = torch.bernoulli(x, generator=self.generator)
+        total = torch.zeros((), device=x.device)
+        for idx in torch.randperm(x.shape[0], generator=self.generator, device=x.device).split(batch_size):
+            xb = xs[idx]
+            loss = self.loss(self.vae, xb)
+            self.opt.zero_grad(set_to_none=True)
+            (loss / xb.shape[0]).backward()
+            self.opt.step()
+            total += loss.detach()
+        return float(total) / x.shape[0]
 
 
-def _median_step_ms(step, steps):
+class Interleave(Callback):
+    """After each epoch of fit, time one epoch of each hand-written loop."""
+
+    def __init__(self, loops: dict, x, batch_size):
+        self.loops, self.x, self.batch_size = loops, x, batch_size
+        self.seconds = {name: [] for name in loops}
+
+    def on_epoch_end(self, state, metrics):
+        for name, loop in self.loops.items():
+            t = time.perf_counter()
+            loop.epoch(self.x, self.batch_size)
+            self.seconds[name].append(time.perf_counter() - t)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------- training rows
+def bench_row(name, objective, options, batch, x, reps, device, compile_row=True):
+    torch.manual_seed(0)
+    vae = pyro_vae.VAE(input_shape=(1, 28, 28), z_dim=Z, hidden=(H,)).to(device)
+    loss = hand_loss(objective, options)
+    loops = {"hand": HandWritten(vae, loss, "fused", device), "hand_foreach": HandWritten(vae, loss, "foreach", device)}
+    interleave = Interleave(loops, x, batch)
+    with pyro.validation_enabled(False):
+        history = pyro_vae.fit(vae, x, objective=objective, epochs=reps + 1, batch_size=batch, progress=False,
+                               device=device, callbacks=[interleave], **options)
+        row = {"row": name, "batch": batch, "fit_s": statistics.median(m["seconds"] for m in history[1:]),
+               **{f"{k}_s": statistics.median(v[1:]) for k, v in interleave.seconds.items()}}
+        if compile_row:
+            compiled = pyro_vae.fit(copy.deepcopy(vae), x, objective=objective, epochs=reps + 1, batch_size=batch,
+                                    progress=False, device=device, compile=True, **options)
+            row["compiled_s"] = statistics.median(m["seconds"] for m in compiled[1:])
+            row["compile_seconds"] = compiled[0].get("compile_seconds", 0.0)
+    row["fit_over_hand"] = row["fit_s"] / row["hand_s"]
+    if "compiled_s" in row:
+        row["hand_over_compiled"] = row["hand_s"] / row["compiled_s"]
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def hand_log_likelihood(vae, x, k, chunk):
+    """Batched importance sampling: logsumexp over K samples in chunks, streamed."""
+    mu, sigma = _encode(vae, x)
+    acc = torch.full((x.shape[0],), -math.inf, device=x.device)
+    for start in range(0, k, chunk):
+        eps = torch.randn(min(chunk, k - start), *mu.shape, device=x.device)
+        acc = torch.logaddexp(acc, torch.logsumexp(_log_w(vae, x, mu, sigma, eps), 0))
+    return acc - math.log(k)
+
+
+def bench_eval(x, k, device, batch=20, chunk=500, compile=True):
+    torch.manual_seed(0)
+    vae = pyro_vae.VAE(input_shape=(1, 28, 28), z_dim=Z, hidden=(H,)).to(device).eval()
+    results = {}
+    with torch.no_grad(), pyro.validation_enabled(False):
+        for name, fn in [("hand", lambda xb: hand_log_likelihood(vae, xb, k, chunk)),
+                         ("ours", lambda xb: log_likelihood(vae.model, vae.guide, xb, num_samples=k, progress=False))]:
+            fn(x[:batch])  # warm-up
+            _sync(device)
+            t = time.perf_counter()
+            for xb in x.split(batch):
+                fn(xb)
+            _sync(device)
+            results[f"{name}_points_per_s"] = x.shape[0] / (time.perf_counter() - t)
+        if compile:
+            results["compiled_points_per_s"] = _compiled_eval(vae, x, k, batch, chunk, device)
+    return {"row": f"log-likelihood K={k}", "points": int(x.shape[0]), **results,
+            "ours_over_hand_throughput": results["ours_points_per_s"] / results["hand_points_per_s"]}
+
+
+def _compiled_eval(vae, x, k, batch, chunk, device):
+    """pyro-vae's log-likelihood with the twin's log weights under torch.compile (compile time excluded)."""
+    fn = lambda xb: log_likelihood(vae.model, vae.guide, xb, num_samples=k, chunk_size=chunk,  # noqa: E731
+                                   progress=False, compile=True)
+    fn(x[:batch])
+    _sync(device)
+    t = time.perf_counter()
+    for xb in x.split(batch):
+        if xb.shape[0] == batch:
+            fn(xb)
+    _sync(device)
+    return (x.shape[0] // batch * batch) / (time.perf_counter() - t)
+
+
+# ---------------------------------------------------------------------------------------------- scaling
+def step_ms(step, steps, device):
+    step()
+    _sync(device)
     t = time.perf_counter()
     for _ in range(steps):
         step()
+    _sync(device)
     return (time.perf_counter() - t) / steps * 1e3
 
 
-def bench_row(name, ours_obj, hand_loss, stock_obj, batch, steps, reps):
-    torch.manual_seed(0)
-    x = torch.bernoulli(torch.rand(batch, 1, 28, 28) * 0.4)
-    vae = VAE(input_shape=(1, 28, 28), z_dim=Z, hidden=(H,))
-    params = list(vae.parameters())
-    opt = make_adam(params, 1e-4, torch.device("cpu"))  # what `pyro-vae train` uses (fused Adam)
-    hand_opt = torch.optim.Adam(params, lr=1e-4)  # what a hand-written script writes: torch's default Adam
-    loss_fn = ObjectiveModule(vae, ours_obj())
-    state = TrainState(vae, loss_fn.objective, opt, loss_fn, torch.Generator(), torch.device("cpu"))
-    pyro.clear_param_store()
-    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-4}), stock_obj())
+def bench_scaling(batches, ks, steps, device):
+    """ms per step: batch sweep at K = 1 (ELBO), K sweep at batch 128 (IWAE)."""
+    rows = []
+    for batch, k in [(b, 1) for b in batches] + [(128, k) for k in ks if k > 1]:
+        torch.manual_seed(0)
+        x = torch.bernoulli(torch.rand(batch, 1, 28, 28, device=device) * 0.4)
+        vae = pyro_vae.VAE(input_shape=(1, 28, 28), z_dim=Z, hidden=(H,)).to(device)
+        objective, options = ("elbo", {}) if k == 1 else ("iwae", {"num_particles": k})
+        hand = HandWritten(vae, hand_loss(objective, options), "fused", device)
 
-    def ours():
-        guarded_step(state, (x,), "check")
+        def hand_step():
+            loss = hand.loss(hand.vae, x)
+            hand.opt.zero_grad(set_to_none=True)
+            (loss / batch).backward()
+            hand.opt.step()
 
-    def hand():
-        loss = hand_loss(vae, x)
-        hand_opt.zero_grad(set_to_none=True)
-        (loss / batch).backward()
-        hand_opt.step()
-
-    def stock():
-        svi.step(x)
-
-    times = {"ours": [], "hand": [], "pyro": []}
-    with pyro.validation_enabled(False):
-        for f in (ours, hand, stock):  # warm up
-            _median_step_ms(f, max(3, steps // 5))
-        for _ in range(reps):
-            for key, f in (("hand", hand), ("ours", ours), ("pyro", stock)):
-                times[key].append(_median_step_ms(f, steps))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {"row": name, "batch": batch, "direct_path": isinstance(loss_fn.objective, ParticleObjective),
-            "hand_ms": med["hand"], "ours_ms": med["ours"], "pyro_ms": med["pyro"],
-            "ours_over_hand": med["ours"] / med["hand"], "pyro_over_hand": med["pyro"] / med["hand"],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        row = {"batch": batch, "k": k, "hand_ms": step_ms(hand_step, steps, device)}
+        for name, compile in (("eager_ms", False), ("compiled_ms", True)):
+            module = ObjectiveModule(vae, pyro_vae.make_objective(objective, **options), compile=compile)
+            state = TrainState(vae, module.objective, make_adam(list(vae.parameters()), 1e-3, device), module,
+                               torch.Generator(device=device), device)
+            with pyro.validation_enabled(False):
+                module(x)  # compiles
+                row[name] = step_ms(lambda: guarded_step(state, (x,), "none"), steps, device)
+        rows.append(row)
+        print(row, flush=True)
+    return rows
 
 
-def hand_log_likelihood(vae, x, k, chunk):
-    """Batched importance sampling: logsumexp over K samples, in chunks, streamed."""
-    mu, sigma = _encode(vae, x)
-    acc = torch.full((x.shape[0],), -math.inf)
-    for start in range(0, k, chunk):
-        n = min(chunk, k - start)
-        acc = torch.logaddexp(acc, torch.logsumexp(_log_w(vae, x, mu, sigma, torch.randn(n, *mu.shape)), 0))
-    return acc - math.log(k) - 0.5 * 0  # (normalizing constants cancel between p(z) and q)
+def plot_scaling(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, sel, label in ((axes[0], "batch", [r for r in rows if r["k"] == 1], "batch size (K = 1)"),
+                                (axes[1], "k", [r for r in rows if r["batch"] == 128], "K (batch 128)")):
+        sel = sorted(sel, key=lambda r: r[key])
+        for name, style in (("hand_ms", "k-o"), ("eager_ms", "b-s"), ("compiled_ms", "r-^")):
+            ax.plot([r[key] for r in sel], [r[name] for r in sel], style, label=name.replace("_ms", ""))
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("ms per step")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle("784-400-20 VAE, one training step (fused Adam)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
-def bench_eval(points, k, reps):
-    from pyro_vae.evaluation import log_likelihood
-
-    torch.manual_seed(0)
-    vae = VAE(input_shape=(1, 28, 28), z_dim=Z, hidden=(H,)).eval()
-    x = torch.bernoulli(torch.rand(points, 1, 28, 28) * 0.4)
-    t_ours, t_hand = [], []
-    with torch.no_grad(), pyro.validation_enabled(False):
-        for _ in range(reps):
-            t = time.perf_counter()
-            log_likelihood(vae.model, vae.guide, x, num_samples=k, progress=False)
-            t_ours.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            hand_log_likelihood(vae, x, k, chunk=500)
-            t_hand.append(time.perf_counter() - t)
-    ours, hand = points / statistics.median(t_ours), points / statistics.median(t_hand)
-    return {"row": f"log-likelihood K={k}", "points": points, "ours_points_per_s": ours,
-            "hand_points_per_s": hand, "ours_over_hand_throughput": ours / hand,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+# ---------------------------------------------------------------------------------------------- main
+def training_data(n, data_dir, device):
+    """The first n MNIST training digits (grayscale in [0, 1]) when the files are there, else random images."""
+    try:
+        x = pyro_vae.load_dataset("mnist", data_dir).x_train[:n]
+    except pyro_vae.DataError:
+        x = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 0.4
+    return x.to(device)
 
 
 def markdown(rows, evals):
-    out = ["| row | batch | hand-written ms | pyro-vae ms | Pyro stock ms | pyro-vae / hand | Pyro / hand |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| row | batch | threads | hand-written (fused Adam) s | fit s | fit / hand | hand, foreach Adam s | "
+           "fit --compile s | hand / compiled |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['row']} | {r['batch']} | {r['hand_ms']:.2f} | {r['ours_ms']:.2f} | {r['pyro_ms']:.2f} | "
-                   f"{r['ours_over_hand']:.2f}x | {r['pyro_over_hand']:.2f}x |")
+        out.append(f"| {r['row']} | {r['batch']} | {r['threads']} | {r['hand_s']:.3f} | {r['fit_s']:.3f} | "
+                   f"{r['fit_over_hand']:.3f}x | {r['hand_foreach_s']:.3f} | {r.get('compiled_s', float('nan')):.3f} | "
+                   f"{r.get('hand_over_compiled', float('nan')):.2f}x |")
     for e in evals:
-        out += ["", "| evaluation | points | hand-written points/s | pyro-vae points/s | pyro-vae / hand |",
-                "|---|---|---|---|---|",
-                f"| {e['row']} | {e['points']} | {e['hand_points_per_s']:.1f} | {e['ours_points_per_s']:.1f} | "
-                f"{e['ours_over_hand_throughput']:.2f}x |"]
+        out += ["", "| evaluation | points | hand-written points/s | pyro-vae points/s | pyro-vae compiled points/s |",
+                "|---|---|---|---|---|", f"| {e['row']} | {e['points']} | {e['hand_points_per_s']:.1f} | "
+                f"{e['ours_points_per_s']:.1f} | {e.get('compiled_points_per_s', float('nan')):.1f} |"]
     return "\n".join(out)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batches", default="20,128")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--eval-points", type=int, default=20)
+    p.add_argument("--threads", default="1,2,4")
+    p.add_argument("--points", type=int, default=12800, help="training points per epoch")
+    p.add_argument("--reps", type=int, default=5, help="timed epochs per implementation")
+    p.add_argument("--rows", default=None, help="comma-separated row indices (default all)")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--eval", action="store_true")
+    p.add_argument("--eval-points", type=int, default=10000)
     p.add_argument("--eval-samples", type=int, default=5000)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--scaling", action="store_true")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="auto")
     p.add_argument("--out", default="benchmarks/results/speed.json")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.reps, args.eval_points, args.eval_samples, args.batches = 3, 1, 2, 100, "8"
-    torch.set_num_threads(args.threads)
-    rows = [bench_row(name, o, h, s, int(b), args.steps, args.reps)
-            for b in args.batches.split(",") for name, o, h, s in ROWS]
-    evals = [bench_eval(args.eval_points, args.eval_samples, max(1, args.reps // 2))]
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {args.threads} threads",
-            "torch": torch.__version__, "pyro": pyro.__version__, "args": vars(args)}
+        args.threads, args.points, args.reps, args.no_compile, args.eval_points, args.eval_samples = \
+            "1", 256, 1, True, 4, 100
+        args.rows = args.rows or "0"
+    device = resolve_device(args.device)
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}"
+          f" ({device}), torch {torch.__version__}, {os.cpu_count()} CPUs", flush=True)
+    x = training_data(args.points, args.data_dir, device)
+    picked = [ROWS[int(i)] for i in args.rows.split(",")] if args.rows else ROWS
+    rows, evals, scaling = [], [], []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        for name, objective, options, batch in picked:
+            rows.append({"threads": threads, **bench_row(name, objective, options, batch, x, args.reps, device,
+                                                         not args.no_compile)})
+            print(rows[-1], flush=True)
+    if args.eval or args.quick:
+        xt = pyro_vae.data.prepare_eval_data(pyro_vae.VAE((1, 28, 28)), _test_digits(args, device))
+        evals.append(bench_eval(xt, args.eval_samples, device, compile=not args.no_compile))
+    if args.scaling:
+        scaling = bench_scaling([20, 64, 128, 256, 512, 1024], [1, 5, 10, 20, 50], 30, device)
+        plot_scaling(scaling, Path(args.out).with_suffix(".png"))
+    meta = {"date": time.strftime("%Y-%m-%d"), "device": str(device), "machine": platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "pyro": pyro.__version__, "args": vars(args)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "eval": evals}, indent=2))
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "eval": evals, "scaling": scaling}, indent=2))
     print(markdown(rows, evals))
     return rows, evals
+
+
+def _test_digits(args, device):
+    try:
+        return pyro_vae.load_dataset("mnist", args.data_dir).x_test[: args.eval_points].to(device)
+    except pyro_vae.DataError:
+        return (torch.rand(args.eval_points, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 0.4).to(device)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,14 +16,14 @@ import torch
 from .config import RunConfig
 from .data import DATASETS, DataError, prepare_eval_data
 from .distributed import DistributedConfigError, world
-from .guides import POSTERIORS
+from .guides import POSTERIORS, SCALE_PARAMS
 from .likelihoods import LIKELIHOODS
 from .networks import ACTIVATIONS
 from .objectives import ESTIMATORS, OBJECTIVES
 from .plots import draw_run_figures, save_samples
-from .runs import evaluate_run, load_run, resume_run, train_run
+from .runs import EVAL, evaluate_run, load_run, resume_run, train_run, write_eval
 from .studies import gradient_variance as study
-from .training import DivergenceError, resolve_device
+from .training import LR_SCHEDULES, OUTPUT_BIAS_INITS, DivergenceError, resolve_device
 
 __all__ = ["main", "build_parser"]
 
@@ -38,6 +39,18 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help unless the help already states its default, the default is
+    None ("not given") or the option is a flag."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or any(action.default is v for v in (None, argparse.SUPPRESS, False))
+                or not action.option_strings or action.nargs == 0):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def _number(convert, accept, what: str):
@@ -74,16 +87,26 @@ def _train_options() -> list:
     """(flag, RunConfig field or None, add_argument keywords) of every train option, choices read from the
     registries when the parser is built. Defaults are None ("not given"), so --resume can tell which options
     were passed; the help shows RunConfig's default."""
+    return _data_options() + _model_options() + _objective_options() + _optimization_options()
+
+
+def _data_options() -> list:
     return [
         ("--dataset", "dataset", dict(choices=list(DATASETS), help="dataset (digits is bundled: no files)")),
         ("--data-dir", "data_dir", dict(help="folder holding the dataset files (default $PYRO_VAE_DATA or "
                                              "~/.cache/pyro-vae/data)")),
         ("--download", "download", dict(action="store_true", default=None,
                                         help="allow torchvision to download missing files (needs internet)")),
-        ("--val-fraction", "val_fraction", dict(type=float, help="fraction of the training set held out for validation")),
+        ("--val-fraction", "val_fraction", dict(type=float, help="fraction of the training set held out for "
+                                                                 "validation")),
         ("--binarize", "binarize", dict(choices=["auto", "dynamic", "none"],
                                         help="Bernoulli likelihood: auto binarizes grayscale data afresh each epoch, "
                                              "dynamic always does, none requires binary data")),
+    ]
+
+
+def _model_options() -> list:
+    return [
         ("--z-dim", "z_dim", dict(type=_positive_int, help="latent dimension")),
         ("--hidden", "hidden", dict(type=_hidden, help="hidden layer sizes, e.g. 400 or 200,200")),
         ("--activation", "activation", dict(choices=list(ACTIVATIONS), help="hidden-layer activation")),
@@ -95,38 +118,66 @@ def _train_options() -> list:
         ("--guide", "guide", dict(choices=list(POSTERIORS), help="posterior family q(z|x)")),
         ("--rank", None, dict(type=_positive_int, help="lowrank guide: rank of the covariance factor (default 2)")),
         ("--flow-steps", None, dict(type=_positive_int, help="iaf guide: number of flow steps (default 2)")),
+        ("--scale-param", "scale_param", dict(choices=list(SCALE_PARAMS), help="encoder scales: softplus(raw) + 1e-5 "
+                                              "or exp(raw)")),
+        ("--init-output-bias", "init_output_bias", dict(choices=list(OUTPUT_BIAS_INITS), help="decoder output "
+                                                        "bias: PyTorch's default init, zero, or the likelihood's "
+                                                        "parameters for the mean training image (logit of the mean "
+                                                        "pixel)")),
         ("--conditional", "conditional", dict(action="store_true", default=None,
                                               help="a conditional VAE on the class label")),
         ("--prior", "prior", dict(choices=["standard", "learned"], help="conditional prior p(z|c): N(0, I) or a "
                                                                         "network of c")),
+    ]
+
+
+def _objective_options() -> list:
+    return [
         ("--objective", "objective", dict(choices=list(OBJECTIVES), help="; ".join(
             f"{name}: {spec.summary}" for name, spec in OBJECTIVES.items()))),
-        ("--num-particles", "num_particles", dict(type=_positive_int, help="samples of z per data point (K)")),
+        ("--num-particles", "num_particles", dict(type=_positive_int, help="z samples per data point (K; default 1)")),
         ("--estimator", "estimator", dict(choices=list(ESTIMATORS), help="iwae/renyi gradient estimator "
                                                                          "(default iwae)")),
         ("--alpha", "alpha", dict(type=_unit_float, help="renyi: alpha in [0, 1) (default 0.5)")),
         ("--beta", "beta", dict(type=_positive_float, help="analytic: KL weight (beta-VAE; default 1)")),
         ("--kl-warmup", "kl_warmup", dict(type=_non_negative_int, help="epochs to anneal beta from 0")),
+    ]
+
+
+def _optimization_options() -> list:
+    return [
         ("--epochs", "epochs", dict(type=_positive_int, help="epochs to train (with --resume: the new total)")),
         ("--batch-size", "batch_size", dict(type=_positive_int, help="minibatch size")),
         ("--lr", "lr", dict(type=_positive_float, help="Adam learning rate")),
+        ("--lr-schedule", "lr_schedule", dict(choices=list(LR_SCHEDULES), help="per-epoch learning rate: constant, "
+                                              "exponential or cosine decay to --lr-final, or burda (pass i of 3^i "
+                                              "epochs at lr 10^(-i/7), 3280 epochs)")),
+        ("--lr-final", "lr_final", dict(type=_positive_float, help="the last epoch's learning rate for exponential "
+                                        "(default lr/100) and cosine (default 0)")),
+        ("--adam-eps", "adam_eps", dict(type=_positive_float, help="Adam's epsilon (Burda et al. use 1e-4)")),
+        ("--patience", "patience", dict(type=_positive_int, help="stop after N epochs without a better validation "
+                                        "ELBO (default: never)")),
         ("--seed", "seed", dict(type=int, help="seed of weights, data order and noise")),
         ("--device", "device", dict(choices=["auto", "cpu", "cuda", "mps"], help="where to train")),
+        ("--compile", "compile", dict(action="store_true", default=None,
+                                      help="run the loss under torch.compile (CUDA graphs on a GPU); falls back to "
+                                           "eager with a warning where no compiler works")),
         ("--checkpoint-every", None, dict(help="checkpoint interval: N epochs, or Nsteps (e.g. 500steps) for "
                                                "optimizer steps (default 1 epoch)")),
         ("--on-nan", "on_nan", dict(choices=["stop", "skip"], help="a non-finite loss stops training, or its step is "
                                                                    "skipped (at most half an epoch)")),
     ]
 
+
 #: options that may accompany --resume (everything else is fixed by the run's config.json)
-_RESUMABLE = {"epochs", "device"}
+_RESUMABLE = {"epochs", "device", "compile"}
 
 
 def _add_train(sub):
     p = sub.add_parser("train", help="train a VAE and write a run directory",
                        description="Train a VAE by SVI and write config.json, metrics.jsonl, checkpoint.pt and "
                                    "figures into a run directory.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     for flag, field, kwargs in _train_options():
         kwargs = dict(kwargs)
         if field is not None and kwargs.get("action") != "store_true" and getattr(_D, field) is not None:
@@ -135,7 +186,8 @@ def _add_train(sub):
         p.add_argument(flag, **kwargs)
     p.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
-                   help="continue a run from its last checkpoint (only --epochs and --device may change)")
+                   help="continue a run from its last checkpoint (only --epochs, --device and --compile may change; "
+                        "default: start a new run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
@@ -173,9 +225,9 @@ def _cmd_train(args):
         if fixed:
             flags = ", ".join("--" + k.replace("_", "-") for k in fixed)
             raise UsageError(f"{flags} cannot change a run being resumed (its config.json fixes them; only "
-                             "--epochs and --device can): start a new run with --out instead")
+                             "--epochs, --device and --compile can): start a new run with --out instead")
         run_dir = resume_run(args.resume, epochs=given.get("epochs"), device=given.get("device"),
-                             progress=not args.no_progress)
+                             compile=given.get("compile"), progress=not args.no_progress)
     else:
         run_dir = train_run(_config(given), args.out, progress=not args.no_progress)
     if world().rank == 0:
@@ -196,32 +248,43 @@ def _checkpoint_interval(text: str) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------- evaluate
 def _add_evaluate(sub):
     p = sub.add_parser("evaluate", help="test-set ELBO (and NLL) of a run -> RUN_DIR/eval.json",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("run_dir")
-    p.add_argument("--num-samples", type=_non_negative_int, default=0,
-                   help="importance samples per test point for test_nll (e.g. 5000); 0 skips it")
+                       formatter_class=_HelpFormatter)
+    p.add_argument("run_dir", help="a run directory written by pyro-vae train")
+    p.add_argument("--num-samples", type=_non_negative_int, default=5000,
+                   help="importance samples per test point for test_nll (Burda et al.: 5000); 0 skips it")
+    p.add_argument("--test-points", type=_positive_int, default=None,
+                   help="evaluate only the first N test points, for a quick look (default: the whole test set)")
+    p.add_argument("--checkpoint", choices=["last", "best"], default="last",
+                   help="the last checkpoint, or best.pt (the best validation ELBO)")
+    p.add_argument("--compile", action="store_true", help="compute the log weights under torch.compile")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="test points per pass")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="where to evaluate")
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(args):
-    run = load_run(args.run_dir)
-    result = evaluate_run(run, num_samples=args.num_samples, batch_size=args.batch_size,
-                          device=resolve_device(args.device), progress=True)
+    run = load_run(args.run_dir, best=args.checkpoint == "best")
+    result = evaluate_run(run, num_samples=args.num_samples, batch_size=args.batch_size, max_points=args.test_points,
+                          device=resolve_device(args.device), progress=True, write=False, compile=args.compile)
     print(json.dumps(result, indent=2))
+    try:
+        write_eval(run, result)
+    except OSError as e:  # a read-only run folder: the result is printed, not lost
+        raise UsageError(f"could not write {Path(args.run_dir) / EVAL} ({e.strerror or e}); the result is "
+                         "printed above only") from None
 
 
 # ---------------------------------------------------------------------------------------------- sample / plot
 def _add_sample(sub):
     p = sub.add_parser("sample", help="decode draws from the prior into an image grid",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("run_dir")
+                       formatter_class=_HelpFormatter)
+    p.add_argument("run_dir", help="a run directory written by pyro-vae train")
     p.add_argument("-n", type=_positive_int, default=64, help="number of samples")
     p.add_argument("--out", default=None, help="image path (default RUN_DIR/samples-N[-labelK][-draw].png)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prior draws")
     p.add_argument("--draw", action="store_true", help="draw x ~ p(x|z) instead of showing E[x|z]")
-    p.add_argument("--label", type=int, default=None, help="conditional runs: generate only this class")
+    p.add_argument("--label", type=int, default=None,
+                   help="conditional runs: generate only this class (required for them)")
     p.set_defaults(func=_cmd_sample)
 
 
@@ -232,19 +295,27 @@ def _cmd_sample(args):
         raise UsageError("this run is conditional: give --label K to choose the class to generate")
     suffix = (f"-label{args.label}" if args.label is not None else "") + ("-draw" if args.draw else "")
     out = Path(args.out) if args.out else Path(args.run_dir) / f"samples-{args.n}{suffix}.png"
-    save_samples(run.vae, out, args.n, mean=not args.draw, label=args.label)
+    try:
+        save_samples(run.vae, out, args.n, mean=not args.draw, label=args.label)
+    except OSError as e:
+        raise UsageError(f"could not write {out} ({e.strerror or e}): choose another --out") from None
     print(f"samples written to {out}")
 
 
 def _add_plot(sub):
-    p = sub.add_parser("plot", help="redraw a run's figures", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("run_dir")
+    p = sub.add_parser("plot", help="redraw a run's figures", formatter_class=_HelpFormatter)
+    p.add_argument("run_dir", help="a run directory written by pyro-vae train")
     p.add_argument("--latent", default="pca", choices=["pca", "tsne"], help="projection for z_dim > 2")
     p.set_defaults(func=_cmd_plot)
 
 
 def _cmd_plot(args):
-    for path in draw_run_figures(load_run(args.run_dir), latent_method=args.latent):
+    run = load_run(args.run_dir)
+    try:
+        paths = draw_run_figures(run, latent_method=args.latent)
+    except OSError as e:
+        raise UsageError(f"could not write the figures into {args.run_dir} ({e.strerror or e})") from None
+    for path in paths:
         print(path)
 
 
@@ -252,13 +323,14 @@ def _cmd_plot(args):
 def _add_gradient_variance(sub):
     p = sub.add_parser("gradient-variance",
                        help="score-function vs reparameterization gradient variance (toy study or a run)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("run_dir", nargs="?", help="a run whose encoder gradients to study")
+                       formatter_class=_HelpFormatter)
+    p.add_argument("run_dir", nargs="?", help="a run whose encoder gradients to study (or --toy)")
     p.add_argument("--toy", action="store_true", help="the toy problem min_phi E_{x~N(phi,1)}[x^2]")
-    p.add_argument("--phi", type=float, default=1.0, help="toy: the parameter phi")
+    p.add_argument("--phi", type=float, default=None, help="toy: the parameter phi (default 1.0)")
     p.add_argument("--repetitions", type=_positive_int, default=None,
                    help="gradient draws per estimator (default 1000 toy, 100 VAE)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="VAE study: the fixed minibatch size")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="VAE study: the fixed minibatch size (default 64)")
     p.add_argument("--estimators", default=None, help="comma-separated, e.g. reparam,score,dreg-5 "
                                                        "(default: all of them)")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR, or runs/gradient-variance for --toy)")
@@ -268,14 +340,20 @@ def _add_gradient_variance(sub):
 def _cmd_gradient_variance(args):
     if args.toy == bool(args.run_dir):
         raise UsageError("give either --toy or a RUN_DIR")
+    ignored = [flag for flag, value in (("--batch-size", args.batch_size), ("--estimators", args.estimators))
+               if value is not None] if args.toy else (["--phi"] if args.phi is not None else [])
+    if ignored:  # options of the other study would do nothing
+        raise UsageError(f"{', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} to the "
+                         f"{'VAE study (RUN_DIR)' if args.toy else 'toy study (--toy)'} only")
     if args.toy:
-        rows = study.toy_gradient_study(phi=args.phi, repetitions=args.repetitions or 1000)
+        rows = study.toy_gradient_study(phi=1.0 if args.phi is None else args.phi,
+                                        repetitions=args.repetitions or 1000)
         paths = study.write_toy_study(Path(args.out or Path("runs") / "gradient-variance"), rows)
     else:
         run = load_run(args.run_dir)
         if run.config.conditional:
             raise UsageError("the gradient-variance study takes unconditional runs")
-        x = prepare_eval_data(run.vae, run.load_data().x_test, run.config.binarize)[: args.batch_size]
+        x = prepare_eval_data(run.vae, run.load_data().x_test, run.config.binarize)[: args.batch_size or 64]
         names = args.estimators.split(",") if args.estimators else list(study.DEFAULT_VAE_ESTIMATORS)
         torch.manual_seed(0)
         rows = study.vae_gradient_study(run.vae.model, run.vae.guide, list(run.vae.encoder.parameters()), x,
@@ -298,15 +376,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
-    except (UsageError, DataError, ValueError, FileNotFoundError, DistributedConfigError) as e:
+        with warnings.catch_warnings():  # the trainer reports a non-finite loss itself (--on-nan), once
+            warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
+            args.func(args)
+    except (UsageError, DataError, ValueError, DistributedConfigError) as e:
         print(f"pyro-vae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a missing run, an unwritable or full disk: the file and the reason
+        where = f"{e.filename}: " if e.filename and e.strerror else ""
+        print(f"pyro-vae {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except DivergenceError as e:
         print(f"pyro-vae {args.command}: diverged: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # TrainingInterrupted says how to resume
+        print(f"pyro-vae {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)
         return 130
     return 0
 

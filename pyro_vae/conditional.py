@@ -117,6 +117,11 @@ class ConditionalVAE(VAE):
             return super().prior()
         return self.prior_family(self.prior_net(cond))
 
+    def prior_log_prob(self, z, cond=None):
+        if self.prior_kind == "standard" or cond is None:
+            return super().prior_log_prob(z, cond)
+        return self.prior(cond).log_prob(z)
+
     def _encode_params(self, x, cond=None):
         lead = x.shape[: x.dim() - len(self.input_shape)]
         h = torch.cat([x.reshape(-1, math.prod(self.input_shape)),

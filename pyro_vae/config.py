@@ -30,6 +30,8 @@ class RunConfig:
     sigma: str | None = None
     guide: str = "diagonal"
     guide_kwargs: dict = field(default_factory=dict)
+    scale_param: str = "softplus"  # encoder scales: softplus | exp
+    init_output_bias: str = "default"  # default | zero | data-mean
     conditional: bool = False  # condition on the class label (ConditionalVAE)
     prior: str = "standard"  # conditional prior p(z|c): standard | learned
     num_classes: int | None = None  # filled in from the dataset for conditional runs
@@ -44,8 +46,13 @@ class RunConfig:
     epochs: int = 100
     batch_size: int = 64
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # constant | exponential | cosine | burda
+    lr_final: float | None = None
+    adam_eps: float = 1e-8
+    patience: int | None = None  # epochs without a better validation ELBO before stopping
     seed: int = 0
     device: str = "auto"
+    compile: bool = False  # the loss under torch.compile
     checkpoint_every: int = 1  # epochs
     checkpoint_steps: int = 0  # optimizer steps; 0 = only at epoch ends
     on_nan: str = "stop"  # stop | skip
@@ -72,6 +79,10 @@ class RunConfig:
             raise ValueError(f"--hidden sizes must be positive, got {list(self.hidden)}")
         if self.kl_warmup < 0:
             raise ValueError(f"--kl-warmup must be >= 0, got {self.kl_warmup}")
+        if not self.adam_eps > 0:
+            raise ValueError(f"--adam-eps must be positive, got {self.adam_eps}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"--patience must be at least 1, got {self.patience}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -4,13 +4,19 @@ and user tensors, numpy arrays or DataLoaders.
 Every dataset comes back as float tensors in [0, 1] of shape (N, C, H, W) with integer labels, split into
 train / validation / test. Nothing is downloaded unless asked: offline, the files must already be in
 ``data_dir`` (for MNIST: ``data_dir/MNIST/raw/*-ubyte.gz``), and a missing file is a clear error saying
-where to put it.
+where to put it. Compressed files are checked against their official MD5 sums on every load and extracted
+into ``$PYRO_VAE_CACHE/data`` (default ``~/.cache/pyro-vae/data``) under a key of their content; a corrupt
+file is an error naming it.
 """
 from __future__ import annotations
 
+import gzip
+import hashlib
 import math
 import os
 import shutil
+import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +59,17 @@ def default_data_dir() -> Path:
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("PYRO_VAE_CACHE") or Path.home() / ".cache" / "pyro-vae")
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the process's umask (``tempfile.mkstemp`` uses 0o600)."""
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
 # --------------------------------------------------------------------------- validation
@@ -137,12 +154,23 @@ BINARIZE_MODES = ("auto", "dynamic", "none")
 
 def needs_binarization(likelihood, x: torch.Tensor, mode: str = "auto") -> bool:
     """Whether ``x`` is binarized for ``likelihood``: ``"dynamic"`` always for a binary likelihood,
-    ``"auto"`` when the data are not already binary, ``"none"`` never."""
+    ``"auto"`` when the data are not already binary, ``"none"`` never. Data to binarize must lie in [0, 1]
+    (:class:`DataError` otherwise)."""
     if mode not in BINARIZE_MODES:
         raise ValueError(f"unknown binarize mode {mode!r}; choose {', '.join(BINARIZE_MODES)}")
+    if mode == "dynamic" and not likelihood.binary:  # would do nothing: refused rather than ignored
+        raise DataError(f"binarize mode 'dynamic' (--binarize dynamic) applies to binary likelihoods (bernoulli), "
+                        f"not {getattr(likelihood, 'name', type(likelihood).__name__)}")
     if mode == "none" or not likelihood.binary:
         return False
-    return mode == "dynamic" or not is_binary(x)
+    if mode == "auto" and is_binary(x):
+        return False
+    lo, hi = (float(x.min()), float(x.max())) if x.numel() else (0.0, 1.0)
+    if lo < 0 or hi > 1:  # torch.bernoulli would fail on them with a raw error
+        raise DataError(f"the {getattr(likelihood, 'name', 'binary')} likelihood binarizes grayscale data, each "
+                        f"value the probability of a 1, so it needs values in [0, 1]; got values in "
+                        f"[{lo:.3g}, {hi:.3g}]: scale them to [0, 1] or choose another likelihood")
+    return True
 
 
 def prepare_eval_data(vae, x: torch.Tensor, binarize_mode: str = "auto") -> torch.Tensor:
@@ -188,32 +216,94 @@ _MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
 
-def _prepare_mnist_root(root: Path, folder: str, download: bool) -> tuple[Path, bool]:
+def _md5(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _corrupt(path: Path, got: str, expected: str) -> DataError:
+    return DataError(f"{path} is corrupt or not the official file (MD5 {got}, expected {expected}): replace it "
+                     "with the official file (--download fetches it again where there is internet)")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0].strip() if text else type(e).__name__
+
+
+def _idx_problem(path: Path) -> str | None:
+    """Why the IDX file at ``path`` cannot be read (missing, bad header, wrong length), or None if it looks whole."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4 or head[:3] != b"\0\0\x08" or not 1 <= head[3] <= 4:
+                return "not an IDX file of unsigned bytes (bad header)"
+            dims = f.read(4 * head[3])
+    except OSError as e:
+        return e.strerror or str(e)
+    if len(dims) < 4 * head[3]:
+        return "truncated header"
+    shape = [int.from_bytes(dims[i:i + 4], "big") for i in range(0, len(dims), 4)]
+    expected = 4 + len(dims) + math.prod(shape)
+    if size != expected:
+        return f"{'x'.join(map(str, shape))} values need {expected} bytes, the file has {size}"
+    return None
+
+
+def _atomic_extract(write, target: Path) -> None:
+    """Write ``target`` through a temporary file in its folder and a rename: never a half-written file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, new_file_mode())
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _prepare_mnist_root(root: Path, cls, download: bool) -> tuple[Path, bool]:
     """Find the IDX files for a torchvision MNIST-family class; return (root to use, download flag).
 
-    Extracted files are read in place. ``.gz`` files are verified and extracted by torchvision, in a writable
-    copy (``~/.cache/pyro-vae``) when ``root`` is read-only. Missing files are a :class:`DataError`.
+    Extracted files in ``root/<Class>/raw`` are read in place. ``.gz`` files are checked against the official
+    MD5 sums (torchvision's ``cls.resources``) on every load, then extracted once into the cache
+    ``$PYRO_VAE_CACHE/data/<Class>-<md5>/``, keyed by the files' content, so the user's folder (possibly
+    read-only or shared) is never written to and a changed source is never hidden by an old extraction. A
+    missing or corrupt file is a :class:`DataError` naming it; only ``download=True`` lets torchvision fetch.
     """
+    folder = cls.__name__
     raw = root / folder / "raw"
     if all((raw / f).exists() for f in _MNIST_FILES):
         return root, False
-    if all((raw / (f + ".gz")).exists() for f in _MNIST_FILES):
-        # torchvision verifies the MD5s and extracts; do that in our cache so the user's folder (possibly
-        # read-only or shared) is never written to
-        cache = _cache_dir() / "data"
-        (cache / folder / "raw").mkdir(parents=True, exist_ok=True)
-        for f in _MNIST_FILES:
-            target = cache / folder / "raw" / (f + ".gz")
-            if not target.exists() and not (cache / folder / "raw" / f).exists():
-                shutil.copyfile(raw / (f + ".gz"), target)
-        return cache, not all((cache / folder / "raw" / f).exists() for f in _MNIST_FILES)
-    if download:
-        return root, True
-    raise DataError(
-        f"{folder} files not found: put {', '.join(f + '.gz' for f in _MNIST_FILES)} in {raw}/ "
-        f"(or pass --data-dir / set PYRO_VAE_DATA to the folder that holds {folder}/raw; "
-        f"--download fetches them where there is internet)"
-    )
+    official = {name.removesuffix(".gz"): md5 for name, md5 in cls.resources}
+    missing = [f + ".gz" for f in _MNIST_FILES if not (raw / (f + ".gz")).exists()]
+    if missing:
+        if download:
+            return root, True
+        raise DataError(
+            f"{folder} files not found: put {', '.join(missing)} in {raw}/ (or pass --data-dir / set "
+            f"PYRO_VAE_DATA to the folder that holds {folder}/raw; --download fetches them where there is internet)"
+        )
+    for f in _MNIST_FILES:
+        got = _md5(raw / (f + ".gz"))
+        if got != official[f]:
+            if download:
+                return root, True  # torchvision replaces the file and checks it again
+            raise _corrupt(raw / (f + ".gz"), got, official[f])
+    key = hashlib.md5("".join(official[f] for f in _MNIST_FILES).encode(), usedforsecurity=False).hexdigest()[:12]
+    cache = _cache_dir() / "data" / f"{folder}-{key}"
+    for f in _MNIST_FILES:
+        target = cache / folder / "raw" / f
+        if not target.exists() or _idx_problem(target) is not None:
+            with gzip.open(raw / (f + ".gz"), "rb") as src:
+                _atomic_extract(lambda out: shutil.copyfileobj(src, out, 1 << 20), target)
+    return cache, False
 
 
 def _torchvision_mnist_family(cls_name):
@@ -221,14 +311,19 @@ def _torchvision_mnist_family(cls_name):
         import torchvision
 
         cls = getattr(torchvision.datasets, cls_name)
-        root, dl = _prepare_mnist_root(Path(data_dir), cls_name, download)
+        root, dl = _prepare_mnist_root(Path(data_dir), cls, download)
+        raw = root / cls_name / "raw"
         try:
             train = cls(str(root), train=True, download=dl)
-            test = cls(str(root), train=False, download=dl)
-        except DataError:
-            raise
-        except Exception as e:  # corrupt / truncated IDX files, failed integrity check, no network
-            raise DataError(f"could not read {cls_name} from {root / cls_name / 'raw'}: {e}") from None
+            test = cls(str(root), train=False, download=False)
+        except Exception as e:  # corrupt / truncated IDX files, no network
+            for f in _MNIST_FILES:
+                problem = _idx_problem(raw / f)
+                if problem:
+                    raise DataError(f"could not read {cls_name}: {raw / f} is corrupt or truncated "
+                                    f"({problem})") from None
+            what = f"download {cls_name} into" if dl else f"read {cls_name} from"
+            raise DataError(f"could not {what} {raw}: {_first_line(e)}") from None
         x = train.data.float().div_(255).unsqueeze(1)
         xte = test.data.float().div_(255).unsqueeze(1)
         xtr, ytr, xva, yva = _split(x, train.targets.long(), val_fraction, seed)
@@ -237,19 +332,71 @@ def _torchvision_mnist_family(cls_name):
     return load
 
 
+def _cifar_problem(cls, root: Path) -> str | None:
+    """The first file of an extracted CIFAR-10 folder that is missing or fails its official MD5 sum."""
+    folder = root / cls.base_folder
+    for name, md5 in [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]:
+        if not (folder / name).exists():
+            return f"{folder / name} is missing"
+        got = _md5(folder / name)
+        if got != md5:
+            return str(_corrupt(folder / name, got, md5))
+    return None
+
+
+def _cifar_from_tarball(cls, tarball: Path, md5: str, fresh: bool = False) -> Path:
+    """Extract a verified ``cifar-10-python.tar.gz`` once into ``$PYRO_VAE_CACHE/data/cifar10-<md5>/``."""
+    cache = _cache_dir() / "data" / f"cifar10-{md5[:12]}"
+    if (cache / cls.base_folder).is_dir() and not fresh:
+        return cache  # torchvision checks the extracted files' MD5 sums when it reads them
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".extract-"))
+    try:
+        with tarfile.open(tarball, "r:gz") as tar:
+            tar.extractall(tmp, filter="data")
+        shutil.rmtree(cache / cls.base_folder, ignore_errors=True)
+        os.replace(tmp / cls.base_folder, cache / cls.base_folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cache
+
+
 def _cifar10(data_dir, val_fraction, seed, download):
     import torchvision
 
+    cls = torchvision.datasets.CIFAR10
     root = Path(data_dir)
-    have = (root / "cifar-10-batches-py").is_dir() or (root / "cifar-10-python.tar.gz").exists()
-    if not have and not download:
-        raise DataError(f"CIFAR-10 files not found: put cifar-10-python.tar.gz (or its extracted "
-                        f"cifar-10-batches-py/ folder) in {root}/")
-    try:
-        train = torchvision.datasets.CIFAR10(str(root), train=True, download=not (root / "cifar-10-batches-py").is_dir())
-        test = torchvision.datasets.CIFAR10(str(root), train=False, download=False)
-    except Exception as e:
-        raise DataError(f"could not read CIFAR-10 from {root}: {e}") from None
+    tarball = root / cls.filename
+    use, dl = root, False
+    if (root / cls.base_folder).is_dir():
+        problem = _cifar_problem(cls, root)
+        if problem and not download:
+            raise DataError(problem)
+        dl = problem is not None
+    elif tarball.exists():
+        got = _md5(tarball)
+        if got == cls.tgz_md5:
+            use = _cifar_from_tarball(cls, tarball, got)
+        elif download:
+            dl = True  # torchvision replaces the file and checks it again
+        else:
+            raise _corrupt(tarball, got, cls.tgz_md5)
+    elif download:
+        dl = True
+    else:
+        raise DataError(f"CIFAR-10 files not found: put {cls.filename} (or its extracted {cls.base_folder}/ "
+                        f"folder) in {root}/ (--download fetches it where there is internet)")
+    for attempt in range(2):
+        try:
+            train = cls(str(use), train=True, download=dl)
+            test = cls(str(use), train=False, download=False)
+            break
+        except Exception as e:
+            if use != root and attempt == 0:  # a damaged cache entry: extract the verified tarball again
+                use = _cifar_from_tarball(cls, tarball, cls.tgz_md5, fresh=True)
+                continue
+            what = "download CIFAR-10 into" if dl else "read CIFAR-10 from"
+            raise DataError(f"could not {what} {use}: {_first_line(e)}") from None
     to_x = lambda a: torch.from_numpy(a).float().div_(255).permute(0, 3, 1, 2).contiguous()  # noqa: E731
     xtr, ytr, xva, yva = _split(to_x(train.data), torch.tensor(train.targets), val_fraction, seed)
     return Dataset("cifar10", xtr, ytr, xva, yva, to_x(test.data), torch.tensor(test.targets), num_classes=10)

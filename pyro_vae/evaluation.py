@@ -22,7 +22,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch.distributions import Distribution, Independent, LowRankMultivariateNormal, MultivariateNormal, Normal
 
-from .particles import Particles, draw_particles, guess_plate_nesting
+from .compiling import Compiled
+from .particles import Particles, draw_particles, guess_plate_nesting, particle_twin
 
 __all__ = ["elbo", "log_likelihood", "chunk_size_for_budget", "bytes_per_particle", "streaming_logsumexp",
            "posterior_means", "latent_activity", "active_units", "kl_per_dimension", "DEFAULT_MEMORY_BUDGET",
@@ -87,9 +88,16 @@ def _progress(enabled: bool, total: int | None, desc: str):
     return tqdm(total=total, desc=desc, unit="pt", disable=not enabled, leave=False)
 
 
-def _drawer(model, guide) -> Callable[[tuple, int], Particles]:
+def _drawer(model, guide, compile: bool = False) -> Callable[[tuple, int], Particles]:
     """``draw(args, K)``: K particles of one batch, from the model's twin or traced (the plate nesting of a
-    traced model guessed once, on the first batch)."""
+    traced model guessed once, on the first batch). ``compile`` runs the twin under torch.compile."""
+    twin = particle_twin(model, guide)
+    if compile and twin is not None:
+        compiled = Compiled(lambda args, k: twin(*args, num_particles=k))
+        return lambda args, num_particles: compiled(args, num_particles)
+    if compile:
+        warnings.warn("compile=True needs a model/guide with a trace-free twin (a VAE's own); tracing eagerly",
+                      RuntimeWarning, stacklevel=3)
     nesting: list[int] = []
 
     def plate_nesting(args):
@@ -174,7 +182,7 @@ def streaming_logsumexp(chunks: Iterable[torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def log_likelihood(model: Callable, guide: Callable, data, num_samples: int = 5000, batch_size: int | None = None,
                    chunk_size: int | None = None, progress: bool = True,
-                   memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
+                   memory_budget: int = DEFAULT_MEMORY_BUDGET, compile: bool = False) -> torch.Tensor:
     r"""Importance-sampled log p(x_n) per data point, shape (N,) (Burda et al. 2016, eq. 12 with K samples):
 
         log p(x_n) ~ log (1/K) sum_{k=1}^K p(x_n, z_k) / q(z_k | x_n),   z_k ~ q(z | x_n)
@@ -198,6 +206,8 @@ def log_likelihood(model: Callable, guide: Callable, data, num_samples: int = 50
     :param batch_size: data points per pass (tensor data); a DataLoader's batches are used as they come.
     :param chunk_size: particles per pass; default from ``memory_budget``.
     :param memory_budget: working-memory budget in bytes for choosing ``chunk_size`` / ``batch_size``.
+    :param compile: compute the log weights of a VAE's trace-free twin under :func:`torch.compile` (the same
+        draws and values; each new batch or chunk shape compiles once).
     """
     num_samples = int(num_samples)
     if num_samples < 1:
@@ -207,7 +217,7 @@ def log_likelihood(model: Callable, guide: Callable, data, num_samples: int = 50
     if (torch.is_tensor(data) or _is_tensor_tuple(data)) and batch_size is None:
         x = _first(data)
         batch_size = _auto_batch_size(memory_budget, num_samples, chunk_size, x[0].numel(), x.element_size())
-    out, draw = [], _drawer(model, guide)
+    out, draw = [], _drawer(model, guide, compile)
     with _progress(progress, _num_points(data), f"log p(x), K={num_samples}") as bar:
         for args in _batches(data, batch_size):
             chunk = min(int(chunk_size or _default_chunk(memory_budget, args[0])), num_samples)

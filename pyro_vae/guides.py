@@ -25,6 +25,11 @@ Families (``POSTERIORS``; d = z_dim; encoder features = ``num_params``):
 * ``studentt``, :class:`DiagonalStudentT`: 2d features (plus d learned degrees of freedom with ``learn_df``).
 
 See docs/guides.md ("Swapping guides") for the formulas and when each one helps.
+
+:class:`LocalPosterior` is the non-amortized counterpart: one row of variational parameters per data point,
+fitted by SVI for fixed x (test-time refinement, the locally optimal q* of the inference-gap analysis;
+docs/gaps.md). ``family.init_local(loc, scale)`` gives the features of the member with mean ``loc``, standard
+deviations ``scale`` and no correlation, where a local optimisation in one family starts from another's q.
 """
 from __future__ import annotations
 
@@ -36,7 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import pyro
 import pyro.distributions as dist
+from pyro import poutine
 from pyro.distributions.transforms import ConditionalAffineAutoregressive, Permute
 from pyro.nn import ConditionalAutoRegressiveNN
 
@@ -48,12 +55,15 @@ __all__ = [
     "IAFNormal",
     "DiagonalLaplace",
     "DiagonalStudentT",
+    "LocalPosterior",
+    "marginal_moments",
     "positive",
     "make_posterior",
     "POSTERIORS",
 ]
 
 _MIN_SCALE = 1e-5
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def positive(raw: torch.Tensor) -> torch.Tensor:
@@ -97,6 +107,23 @@ class PosteriorFamily(nn.Module):
         """Raw encoder outputs -> positive scales, by ``scale_param``."""
         return SCALE_PARAMS[self.scale_param](raw)
 
+    def raw_scale(self, scale: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`positive`: the raw feature whose scale is ``scale`` (> 1e-5 for softplus)."""
+        if self.scale_param == "exp":
+            return scale.log()
+        y = (scale - _MIN_SCALE).clamp_min(1e-12)
+        return y + torch.log(-torch.expm1(-y))
+
+    def init_local(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Features (..., num_params) of the member of this family with mean ``loc``, standard deviations
+        ``scale`` (each (..., z_dim)) and no correlation: where a local optimisation in this family starts
+        from another family's q(z|x) (:meth:`pyro_vae.VAE.local_posterior`). A family with weights of its own
+        may reset them (the IAF makes its flow a fixed scaling). Implement it to use a family of your own as
+        the *target* of a local optimisation; a VAE trained with it needs nothing (its encoder's features are
+        used as they are)."""
+        raise NotImplementedError(f"{type(self).__name__} has no init_local(loc, scale): it cannot start a local "
+                                  "optimisation from another family's posterior")
+
     def _check(self, params: torch.Tensor) -> torch.Tensor:
         """Raise a ValueError unless ``params`` has shape (..., num_params)."""
         if not isinstance(params, torch.Tensor) or params.dim() < 1 or params.shape[-1] != self.num_params:
@@ -112,6 +139,14 @@ class PosteriorFamily(nn.Module):
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         return self(params).mean
+
+    def rsample_and_log_prob(self, params: torch.Tensor, num_particles: int):
+        """K = ``num_particles`` reparameterized draws z (K, ..., z_dim) of q and log q(z) (K, ...), with the
+        noise that ``self(params).rsample((K,))`` (Pyro's particle plate) draws. Families override it with a
+        closed form (no distribution objects) for speed; a VAE's trace-free twin calls it every step."""
+        q = self(params)
+        z = q.rsample((num_particles,))
+        return z, q.log_prob(z)
 
 
 # --------------------------------------------------------------------------------------------- factorized
@@ -132,16 +167,31 @@ class _FactorizedLocScale(PosteriorFamily):
     def mean(self, params):
         return self._check(params)[..., : self.z_dim]
 
+    def scale_for_std(self, std: torch.Tensor) -> torch.Tensor:
+        """The scale parameter of a coordinate with standard deviation ``std`` (Gaussian: std itself)."""
+        return std
+
+    def init_local(self, loc, scale):
+        return torch.cat([loc, self.raw_scale(self.scale_for_std(scale))], dim=-1)
+
 
 class DiagonalNormal(_FactorizedLocScale):
     """Factorized Gaussian posterior q(z|x) = N(mu(x), diag sigma(x)^2).
 
     The encoder emits ``2 * z_dim`` features: mu and a raw scale mapped to sigma > 0 (``scale_param``).
-    Reparameterization: z = mu + sigma * eps, eps ~ N(0, I) (Kingma & Welling, 2014).
+    Reparameterization: z = mu + sigma * eps, eps ~ N(0, I) (Kingma & Welling, 2014), and
+    log q(z|x) = sum_i [-eps_i^2 / 2 - log sigma_i] - d/2 log(2 pi).
     """
 
     def coordinates(self, loc, scale):
         return dist.Normal(loc, scale)
+
+    def rsample_and_log_prob(self, params, num_particles):
+        loc, raw = self._check(params).split(self.z_dim, dim=-1)
+        scale = self.positive(raw)
+        eps = torch.empty((int(num_particles), *loc.shape), dtype=loc.dtype, device=loc.device).normal_()
+        log_q = (-0.5 * eps.square() - scale.log()).sum(-1) - self.z_dim * _LOG_SQRT_2PI
+        return loc + eps * scale, log_q
 
 
 class DiagonalLaplace(_FactorizedLocScale):
@@ -157,6 +207,9 @@ class DiagonalLaplace(_FactorizedLocScale):
 
     def coordinates(self, loc, scale):
         return dist.Laplace(loc, scale)
+
+    def scale_for_std(self, std):
+        return std / math.sqrt(2.0)  # Var = 2 b^2
 
 
 class DiagonalStudentT(_FactorizedLocScale):
@@ -195,6 +248,10 @@ class DiagonalStudentT(_FactorizedLocScale):
 
     def coordinates(self, loc, scale):
         return dist.StudentT(self.df().to(loc.dtype).expand_as(loc), loc, scale)
+
+    def scale_for_std(self, std):
+        nu = self.df().to(std.dtype)
+        return std * ((nu - 2.0) / nu).sqrt()  # Var = s^2 nu / (nu - 2)
 
 
 # --------------------------------------------------------------------------------------------- full / low rank
@@ -241,6 +298,10 @@ class CholeskyNormal(PosteriorFamily):
         loc = self._check(params)[..., : self.z_dim]
         return dist.MultivariateNormal(loc, scale_tril=self.scale_tril(params))
 
+    def init_local(self, loc, scale):
+        """mu = loc, s = scale, U = I (no correlation)."""
+        return torch.cat([loc, self.raw_scale(scale), loc.new_zeros(*loc.shape[:-1], self.num_off)], dim=-1)
+
     def mean(self, params):
         return self._check(params)[..., : self.z_dim]
 
@@ -278,6 +339,12 @@ class LowRankNormal(PosteriorFamily):
 
     def mean(self, params):
         return self._check(params)[..., : self.z_dim]
+
+    def init_local(self, loc, scale):
+        """mu = loc, sigma = scale and a small random W (1e-2 N(0, 1)): the ELBO is even in W, so W = 0 exactly
+        would be a saddle point with zero expected gradient."""
+        factor = 1e-2 * torch.randn(*loc.shape[:-1], self.z_dim * self.rank, dtype=loc.dtype, device=loc.device)
+        return torch.cat([loc, factor, self.raw_scale(scale)], dim=-1)
 
 
 # --------------------------------------------------------------------------------------------- flow
@@ -372,6 +439,22 @@ class IAFNormal(PosteriorFamily):
             z = t(z)
         return z
 
+    @torch.no_grad()
+    def init_local(self, loc, scale):
+        """Zeroes the output layer of every step's MADE, so each step is the fixed scaling z -> c_t z
+        (c_t = sigmoid(2) with ``stable``, 1 otherwise) whatever its input and context, and returns the base
+        N(loc / c, diag (scale / c)^2), c = prod_t c_t, with context 0: the flow's output is then exactly
+        N(loc, diag scale^2). The MADE's hidden layers keep their weights, so the output layer gets gradients."""
+        for step in self.steps:
+            last = step.nn.layers[-1]
+            last.weight.zero_()
+            last.bias.zero_()
+            if step.nn.skip_layer is not None:
+                step.nn.skip_layer.weight.zero_()
+        context = loc.new_zeros(1, self.context_dim)
+        c = self.mean(torch.cat([loc.new_ones(1, self.z_dim), loc.new_zeros(1, self.z_dim), context], dim=-1))[0]
+        return torch.cat([loc / c, self.raw_scale(scale / c), loc.new_zeros(*loc.shape[:-1], self.context_dim)], -1)
+
 
 POSTERIORS = {
     "diagonal": DiagonalNormal,
@@ -409,3 +492,81 @@ def make_posterior(name, z_dim: int, **kwargs) -> PosteriorFamily:
         takes = f"it takes {', '.join(allowed)}" if allowed else "it takes no options"
         raise ValueError(f"guide {name!r} does not take {', '.join(unknown)}; {takes}")
     return cls(z_dim, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- non-amortized
+@torch.no_grad()
+def marginal_moments(q: dist.TorchDistribution, num_samples: int = 1024):
+    """(mean, standard deviation) of each latent coordinate of q, each of shape batch_shape + (z_dim,): in
+    closed form where the distribution has them, else from ``num_samples`` draws (flows)."""
+    try:
+        return q.mean, q.variance.sqrt()
+    except NotImplementedError:
+        z = q.sample((int(num_samples),))
+        return z.mean(0), z.std(0)
+
+
+class LocalPosterior(nn.Module):
+    r"""A non-amortized guide over N fixed data points: q(z | x_n) = family(lambda_n), with one row lambda_n of
+    variational parameters per point, all in one (N, P) tensor ``params`` sampled inside the batch plate
+    ``"data"`` (vectorized over the points, no loop).
+
+    It is what the encoder's q_phi(z|x_n) = family(f_phi(x_n)) becomes when f_phi(x_n) is replaced by a free
+    parameter: maximizing each ELBO(x_n; lambda_n) for a fixed decoder gives the locally optimal q* of the
+    family (Cremer, Li & Duvenaud, 2018), and a few steps from lambda_n = f_phi(x_n) are test-time refinement
+    (semi-amortized inference; Kim et al., 2018; Marino et al., 2018). The family's own weights (an IAF's
+    MADE networks) are parameters too, fitted jointly across the N points.
+
+    ``guide(x, c=None)`` matches a VAE's model signature, so ``pyro_vae.evaluation.elbo(vae.model,
+    local.guide, x, batch_size=None)`` and ``log_likelihood`` evaluate it (traced particles: any family). It
+    must see the same N points in one batch. ``trace`` holds the per-point mean SVI objective of every step
+    of :meth:`fit` (a one-draw-per-step estimate of the ELBO, nats per data point).
+    """
+
+    def __init__(self, family: PosteriorFamily, params: torch.Tensor, input_shape, name: str = "local_posterior"):
+        super().__init__()
+        if params.dim() != 2 or params.shape[-1] != family.num_params:
+            raise ValueError(f"local parameters must have shape (N, {family.num_params}), got {tuple(params.shape)}")
+        self.family = family
+        self.params = nn.Parameter(params.detach().clone())
+        self.input_shape = tuple(input_shape)
+        self.name = name
+        self.trace: list[float] = []
+
+    @property
+    def num_points(self) -> int:
+        return self.params.shape[0]
+
+    def posterior(self) -> dist.TorchDistribution:
+        """q(z | x_n) for all N points, batch_shape (N,)."""
+        return self.family(self.params)
+
+    def guide(self, x, c=None, *, batch_size: int | None = None, mask=None):
+        """``"z"`` ~ family(params) inside the plate ``"data"`` of the N points (``c``, ``mask`` unused)."""
+        pyro.module(self.name, self)
+        n = x.shape[0] if x.dim() > len(self.input_shape) else 1
+        if n != self.num_points:
+            raise ValueError(f"this local posterior holds {self.num_points} data points but was given a batch of {n}:"
+                             " evaluate it on the same points, in one batch (batch_size=None)")
+        with pyro.plate("data", n):
+            return pyro.sample("z", self.posterior())
+
+    def fit(self, model, *args, steps: int = 100, num_particles: int = 1, lr: float = 0.01, optim=None, loss=None,
+            **kwargs) -> "LocalPosterior":
+        r"""``steps`` steps of ``pyro.infer.SVI(model, self.guide, optim, loss)`` on ``model(*args, **kwargs)``:
+        maximizes sum_n ELBO(x_n; lambda_n) over this guide's parameters only (the model's ``pyro.param`` /
+        ``pyro.module`` sites are hidden from the optimizer), in a fresh param store (the global one is left as
+        it was). Defaults: ``loss`` = ``Trace_ELBO`` with ``num_particles`` vectorized particles, ``optim`` =
+        ``ClippedAdam`` with ``lr`` decaying geometrically to lr/10 over the steps. Appends to ``trace``.
+        """
+        steps = int(steps)
+        if steps < 0:
+            raise ValueError(f"steps must be a non-negative integer, got {steps}")
+        optim = optim or pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.1 ** (1.0 / max(steps, 1))})
+        loss = loss or pyro.infer.Trace_ELBO(num_particles=int(num_particles), vectorize_particles=True)
+        model = poutine.block(model, hide_types=["param"])
+        with pyro.get_param_store().scope():
+            svi = pyro.infer.SVI(model, self.guide, optim, loss)
+            for _ in range(steps):
+                self.trace.append(-svi.step(*args, **kwargs) / self.num_points)
+        return self

@@ -33,7 +33,8 @@ _MIN_SCALE = 1e-3
 
 
 class Likelihood(nn.Module):
-    """Base class. Subclasses set ``num_params`` and implement ``pixelwise`` (and ``mean`` if not the distribution's)."""
+    """Base class. Subclasses set ``num_params`` and implement ``pixelwise`` (and ``mean`` if not the
+    distribution's)."""
 
     num_params: int = 1
     #: the data must lie in [0, 1] (checked once on the data, not per step)
@@ -73,6 +74,17 @@ class Likelihood(nn.Module):
         """E[x|z]: what reconstructions and samples show."""
         return self.pixelwise(out).mean
 
+    #: the decoder output whose mean is a given image: "logit" (Bernoulli-type) or "identity" (location)
+    output_link = "identity"
+
+    def output_for_mean(self, mean: torch.Tensor) -> torch.Tensor:
+        """A decoder output (num_params, *input_shape) whose mean E[x|z] is about ``mean``: the link applied to
+        it for the first parameter (logit, clamped to [1e-3, 1 - 1e-3], for Bernoulli-type likelihoods), 0 for
+        the others (e.g. a decoder's raw scale). Used to start a decoder's output bias at the data mean."""
+        first = torch.logit(mean.clamp(1e-3, 1 - 1e-3)) if self.output_link == "logit" else mean
+        rest = torch.zeros((self.num_params - 1, *first.shape), dtype=first.dtype, device=first.device)
+        return torch.cat([first.unsqueeze(0), rest])
+
     def check_data(self, x: torch.Tensor) -> None:
         """Raise ValueError if ``x`` is outside this likelihood's support."""
         if self.binary and not bool(((x == 0) | (x == 1)).all()):
@@ -91,23 +103,46 @@ class Likelihood(nn.Module):
         return next(k for k, v in LIKELIHOODS.items() if isinstance(self, v))
 
 
+def _check_binary(x: torch.Tensor) -> None:
+    if not bool(((x == 0) | (x == 1)).all()):
+        raise ValueError(
+            f"the bernoulli likelihood needs binary data (0 or 1); got values in [{x.min().item():.3g}, "
+            f"{x.max().item():.3g}]: binarize them (pyro_vae.data.binarize) or choose another likelihood"
+        )
+
+
+class _BinaryBernoulli(dist.Bernoulli):
+    """Bernoulli (parameters unchecked) whose values are checked while validation is on (``pyro.enable_validation``),
+    with a one-line message instead of torch's printout of the tensor."""
+
+    def log_prob(self, value):
+        if torch.distributions.Distribution._validate_args:
+            _check_binary(value)
+        return super().log_prob(value)
+
+
 class Bernoulli(Likelihood):
     """p(x|z) = prod_i Bernoulli(x_i; sigmoid(l_i(z))), parameterized by logits l(z).
 
     log p(x|z) = sum_i x_i l_i - softplus(l_i). Needs binary x; grayscale images are binarized
-    dynamically by the trainer (Salakhutdinov & Murray, 2008).
+    dynamically by the trainer (Salakhutdinov & Murray, 2008). Non-binary x is a ValueError while validation
+    is on (``pyro.enable_validation``, on by default); the trainer checks its data once and trains with
+    validation off, so the training step pays nothing for the check.
     """
 
     binary = True
+    output_link = "logit"
 
     def pixelwise(self, out):
         (logits,) = self.split(out)
-        return dist.Bernoulli(logits=logits, validate_args=False)
+        return _BinaryBernoulli(logits=logits, validate_args=False)
 
     def log_prob(self, out, x, mask=None):
         """sum_i x_i l_i - softplus(l_i), on flattened pixels (the trainer's hot path)."""
         if mask is not None:
             return super().log_prob(out, x, mask)
+        if torch.distributions.Distribution._validate_args:
+            _check_binary(x)
         logits = self.split(out)[0].flatten(-self.event_dim)
         target = x.flatten(-self.event_dim).expand_as(logits)
         return -F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
@@ -174,6 +209,7 @@ class ContinuousBernoulli(Likelihood):
     """
 
     unit_interval = True
+    output_link = "logit"  # approximately: the CB mean is not sigmoid(l)
 
     def pixelwise(self, out):
         (logits,) = self.split(out)

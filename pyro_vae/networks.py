@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 __all__ = ["MLPEncoder", "MLPDecoder", "ConvEncoder", "ConvDecoder", "make_networks", "ACTIVATIONS"]
@@ -67,6 +68,11 @@ class MLPDecoder(nn.Module):
     def forward(self, z):
         return self.net(z).reshape(-1, *self.out_shape)
 
+    @torch.no_grad()
+    def set_output_bias(self, bias: torch.Tensor) -> None:
+        """Set the last layer's bias to ``bias`` of shape (out_channels, *input_shape)."""
+        self.net[-1].bias.copy_(bias.reshape(-1))
+
 
 def _conv_check(input_shape):
     if len(input_shape) != 3 or input_shape[1] % 4 or input_shape[2] % 4:
@@ -119,6 +125,12 @@ class ConvDecoder(nn.Module):
     def forward(self, z):
         out = self.deconv(self.head(z).reshape(-1, *self.grid))
         return out.reshape(-1, *self.out_shape)
+
+    @torch.no_grad()
+    def set_output_bias(self, bias: torch.Tensor) -> None:
+        """Set the last convolution's bias (one per output channel) to ``bias`` (out_channels, C, H, W) averaged
+        over the pixels."""
+        self.deconv[-1].bias.copy_(bias.reshape(self.deconv[-1].bias.shape[0], -1).mean(-1))
 
 
 def make_networks(kind: str, input_shape, z_dim: int, encoder_out: int, decoder_out_channels: int,

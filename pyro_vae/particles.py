@@ -48,7 +48,8 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, check_site_shape, get_rng_state, set_rng_state
 
 __all__ = ["Particles", "draw_particles", "trace_particles", "particle_twin", "closed_form_kl",
-           "detach_distribution", "guess_plate_nesting", "run_traces", "CellLayout", "PARTICLE_PLATE", "NotReparameterizedError"]
+           "detach_distribution", "guess_plate_nesting", "run_traces", "CellLayout", "PARTICLE_PLATE",
+           "NotReparameterizedError"]
 
 PARTICLE_PLATE = "num_particles_vectorized"
 

@@ -10,12 +10,17 @@ an interrupted write leaves the previous file intact.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import pickletools
+import re
 import shutil
 import tempfile
 import time
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,18 +31,20 @@ import pyro
 from . import evaluation
 from .conditional import ConditionalVAE
 from .config import RunConfig
-from .data import DataError, load_dataset, needs_binarization, prepare_eval_data
+from .data import DataError, load_dataset, needs_binarization, new_file_mode, prepare_eval_data
 from .distributed import setup, teardown
 from .training import Callback, DivergenceError, fit, resolve_device, resolve_objective
 from .vae import VAE
 
 __all__ = ["Run", "RunWriter", "train_run", "load_run", "evaluate_run", "atomic_write_bytes", "save_checkpoint",
-           "load_checkpoint", "read_metrics", "build_vae", "CONFIG", "METRICS", "CHECKPOINT", "BEST"]
+           "load_checkpoint", "read_metrics", "build_vae", "write_eval", "TrainingInterrupted", "CONFIG", "METRICS",
+           "CHECKPOINT", "BEST", "EVAL"]
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
+EVAL = "eval.json"
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -45,6 +52,7 @@ def _atomic_write(path: Path, write) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, new_file_mode())  # mkstemp makes 0o600; a run's files get the user's umask like open()'s
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -72,21 +80,79 @@ def save_checkpoint(path, state: dict) -> None:
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True``: no pickled code can run."""
+    """Load a checkpoint with ``weights_only=True``: no pickled code can run.
+
+    A file that would import something when unpickled (a code payload) is refused as unsafe, naming what it
+    imports; a damaged, truncated or foreign file is a different error. Both are ValueErrors of one line.
+    """
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the refusal below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as e:
-        raise ValueError(f"refusing to load {path}: not a safe pyro-vae checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        culprit = _foreign_global(str(e)) or _pickle_global(Path(path))
+        if culprit:
+            raise ValueError(f"refusing to load {path}: it would import {culprit} when unpickled, which a pyro-vae "
+                             "checkpoint never does (not a safe pyro-vae checkpoint; nothing in it was run)") from None
+        raise ValueError(f"cannot load {path}: the file is damaged, truncated or not a pyro-vae checkpoint "
+                         f"({_load_failure(e)})") from None
+
+
+def _foreign_global(message: str) -> str | None:
+    """The non-torch global named by torch's weights-only refusal ("... GLOBAL posix.system ...")."""
+    m = re.search(r"GLOBAL ([\w.]+)", message)
+    return m.group(1) if m and not m.group(1).startswith("torch.") else None
+
+
+def _pickle_global(path: Path) -> str | None:
+    """The first non-torch global a plain pickle file would import (read with pickletools: nothing runs)."""
+    try:
+        if zipfile.is_zipfile(path):
+            return None  # torch's own format: its refusal above names the global
+        strings = []
+        for op, arg, _ in pickletools.genops(path.read_bytes()):
+            name = None
+            if op.name in ("GLOBAL", "INST"):
+                name = str(arg).replace(" ", ".")
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                name = f"{strings[-2]}.{strings[-1]}"
+            if name and not name.startswith(("torch.", "collections.OrderedDict")):
+                return name
+            if isinstance(arg, str):
+                strings.append(arg)
+    except Exception:
+        return None
+    return None
+
+
+def _load_failure(e: Exception) -> str:
+    """torch's reason in a few words, without its advice to load with ``weights_only=False``."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if isinstance(e, EOFError) or not lines:
+        return "unexpected end of file" if isinstance(e, EOFError) else type(e).__name__
+    return lines[0].split(". ")[0].rstrip(".")
 
 
 def read_metrics(run_dir) -> list[dict]:
     path = Path(run_dir) / METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    metrics = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            metrics.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {number} is not valid JSON ({e.msg})") from None
+        if not isinstance(metrics[-1], dict) or not isinstance(metrics[-1].get("epoch"), int):
+            raise ValueError(f"{path} line {number} is not a metrics record (a JSON object with an epoch)")
+    return metrics
 
 
 def _truncate_metrics(run_dir: Path, epoch: int) -> None:
@@ -98,6 +164,9 @@ def _truncate_metrics(run_dir: Path, epoch: int) -> None:
 # ---------------------------------------------------------------------------------------------- the model
 def build_vae(config: RunConfig, input_shape):
     """Build the (untrained) VAE a config describes."""
+    guide_kwargs = dict(config.guide_kwargs)
+    if config.scale_param != "softplus":
+        guide_kwargs["scale_param"] = config.scale_param
     if config.conditional:
         if not config.num_classes:
             raise ValueError(f"--conditional needs a labelled dataset; {config.dataset!r} has no classes")
@@ -106,12 +175,12 @@ def build_vae(config: RunConfig, input_shape):
         return ConditionalVAE(input_shape=input_shape, num_classes=config.num_classes, z_dim=config.z_dim,
                               prior=config.prior, likelihood=config.likelihood, guide=config.guide,
                               hidden=config.hidden, activation=config.activation, sigma=config.sigma,
-                              guide_kwargs=config.guide_kwargs)
+                              guide_kwargs=guide_kwargs)
     if config.prior != "standard":
         raise ValueError("--prior learned applies to conditional VAEs (--conditional)")
     return VAE(input_shape=input_shape, z_dim=config.z_dim, likelihood=config.likelihood, guide=config.guide,
                hidden=config.hidden, activation=config.activation, network=config.network,
-               sigma=config.sigma, guide_kwargs=config.guide_kwargs)
+               sigma=config.sigma, guide_kwargs=guide_kwargs)
 
 
 def _objective(config: RunConfig):
@@ -203,7 +272,8 @@ def train_run(config: RunConfig, out=None, *, progress: bool = True) -> Path:
     return _train(config, run_dir, data, vae, objective, device, None, progress, created)
 
 
-def resume_run(run_dir, *, epochs: int | None = None, device: str | None = None, progress: bool = True) -> Path:
+def resume_run(run_dir, *, epochs: int | None = None, device: str | None = None, compile: bool | None = None,
+               progress: bool = True) -> Path:
     """Continue a run from its last checkpoint (bit-identical to an uninterrupted run on the same device).
 
     ``epochs`` extends (or shortens) the run and is saved in ``config.json``; a run without a checkpoint
@@ -215,6 +285,8 @@ def resume_run(run_dir, *, epochs: int | None = None, device: str | None = None,
         config.epochs = int(epochs)
     if device is not None:
         config.device = device
+    if compile is not None:
+        config.compile = bool(compile)
     data, vae, objective, device_ = _validate_config(config)
     state = load_checkpoint(run_dir / CHECKPOINT) if (run_dir / CHECKPOINT).exists() else None
     main = setup(device_).rank == 0
@@ -225,6 +297,19 @@ def resume_run(run_dir, *, epochs: int | None = None, device: str | None = None,
     return _train(config, run_dir, data, vae, objective, device_, state, progress, False)
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train_run` / :func:`resume_run`; the message says how to resume the run."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        try:
+            step = int(load_checkpoint(self.run_dir / CHECKPOINT)["global_step"])
+            msg = f"interrupted; {self.run_dir} keeps its checkpoint of step {step}: continue with"
+        except (OSError, ValueError, KeyError, TypeError):
+            msg = f"interrupted before the first checkpoint of {self.run_dir}: start it again with"
+        super().__init__(f"{msg} pyro-vae train --resume {self.run_dir}")
+
+
 def _train(config, run_dir, data, vae, objective, device, resume_state, progress, created) -> Path:
     main = setup(device).rank == 0
     train, val = ((data.x_train, data.y_train), (data.x_val, data.y_val)) if config.conditional else \
@@ -232,11 +317,23 @@ def _train(config, run_dir, data, vae, objective, device, resume_state, progress
     writer = [RunWriter(run_dir, config.epochs, config.checkpoint_every, config.checkpoint_steps)] if main else []
     try:
         fit(vae, train, val, objective=objective, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-            kl_warmup=config.kl_warmup, binarize_mode=config.binarize, seed=config.seed, device=device,
-            progress=progress, callbacks=writer, on_nan=config.on_nan, resume_state=resume_state)
+            lr_schedule=config.lr_schedule, lr_final=config.lr_final, adam_eps=config.adam_eps,
+            kl_warmup=config.kl_warmup, patience=config.patience, init_output_bias=config.init_output_bias,
+            binarize_mode=config.binarize, seed=config.seed, device=device, compile=config.compile,
+            progress=progress, callbacks=writer,
+            on_nan=config.on_nan, resume_state=resume_state)
+    except KeyboardInterrupt:
+        if main:
+            raise TrainingInterrupted(run_dir) from None
+        raise
     except DivergenceError as e:
         last = run_dir / CHECKPOINT
-        where = f"last good checkpoint: {last}" if last.exists() else "no checkpoint was written yet"
+        if created and not last.exists():  # nothing to resume from: leave nothing behind
+            if main:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise DivergenceError(f"{e}; training stopped before the first checkpoint, so {run_dir} was removed "
+                                  "(a smaller --lr may help)") from None
+        where = f"last good checkpoint: {last}" if last.exists() else "no checkpoint was written"
         raise DivergenceError(f"{e}; training stopped, {where} (resume with --resume {run_dir})") from None
     except (ValueError, DataError):
         if created and main:
@@ -252,9 +349,47 @@ def _read_config(run_dir: Path) -> RunConfig:
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} is not a pyro-vae run directory (no {CONFIG})")
     try:
-        return RunConfig.from_dict(json.loads(path.read_text()))
+        d = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file (not UTF-8)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    try:
+        if isinstance(d, dict):
+            _check_config_types(d)
+        config = RunConfig.from_dict(d)
+        config.check()
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    return config
+
+
+#: JSON checks of the field annotations of RunConfig (strings: ``from __future__ import annotations``)
+_JSON_TYPES = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "bool": lambda v: isinstance(v, bool),
+    "dict": lambda v: isinstance(v, dict),
+    "None": lambda v: v is None,
+    "tuple[int, ...]": lambda v: isinstance(v, list) and all(_JSON_TYPES["int"](h) for h in v),
+}
+
+
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+               "dict": "a JSON object", "None": "null", "tuple[int, ...]": "a list of integers"}
+
+
+def _check_config_types(d: dict) -> None:
+    """Each known field of a parsed config.json has its annotated type (e.g. ``"z_dim": "ten"`` is an error
+    naming the field, not ``invalid literal for int()`` from deep inside)."""
+    for f in dataclasses.fields(RunConfig):
+        if f.name not in d or not isinstance(f.type, str):
+            continue
+        kinds = [k.strip() for k in f.type.split("|")]
+        if all(k in _JSON_TYPES for k in kinds) and not any(_JSON_TYPES[k](d[f.name]) for k in kinds):
+            expected = " or ".join(_TYPE_NAMES[k] for k in kinds)
+            raise ValueError(f"field {f.name!r} must be {expected}, got {json.dumps(d[f.name])}")
 
 
 @dataclass
@@ -286,20 +421,30 @@ def load_run(run_dir, map_location="cpu", best: bool = False) -> Run:
         raise FileNotFoundError(f"{run_dir} has no {name} (train it first, or it was written before any epoch "
                                 "ended)")
     state = load_checkpoint(run_dir / name, map_location)
+    if not isinstance(state, dict) or not {"model", "input_shape", "epoch"} <= set(state):
+        raise ValueError(f"cannot load {run_dir / name}: not a pyro-vae checkpoint (no model state)")
     vae = build_vae(config, tuple(state["input_shape"]))
-    vae.load_state_dict(state["model"])
+    try:
+        vae.load_state_dict(state["model"])
+    except RuntimeError as e:  # config.json edited after training (another z_dim, guide, ...)
+        raise ValueError(f"{run_dir / name} does not fit the VAE that {run_dir / CONFIG} describes (was the "
+                         f"config edited?): {str(e).splitlines()[-1].strip()}") from None
     vae.eval()
     return Run(run_dir, config, vae, read_metrics(run_dir), int(state["epoch"]), name)
 
 
-def evaluate_run(run: Run, *, num_samples: int = 0, batch_size: int = 256, elbo_particles: int = 10,
-                 max_points: int | None = None, device="cpu", progress: bool = False, write: bool = True) -> dict:
-    """Test-set metrics of a run, written to ``RUN_DIR/eval.json``.
+def evaluate_run(run: Run, *, num_samples: int = 5000, batch_size: int = 256, elbo_particles: int = 10,
+                 max_points: int | None = None, device="cpu", progress: bool = False, write: bool = True,
+                 compile: bool = False) -> dict:
+    """Test-set metrics of a run as papers report them, written to ``RUN_DIR/eval.json``.
 
     ``test_elbo``: the ELBO per test point in nats (``elbo_particles`` reparameterized samples averaged per
-    point). With ``num_samples=K > 0`` also ``test_nll`` = -log p(x) estimated by importance sampling with K
-    samples per point (positive nats per data point), ``active_units`` (Burda et al., 2015) and the KL per
-    latent dimension. ``max_points`` evaluates only the first test points (the test order is fixed).
+    point), ``active_units`` (Burda et al., 2016) and the KL per latent dimension. With ``num_samples=K > 0``
+    (5000 by default, Burda et al.'s protocol) also ``test_nll`` = -log p(x) estimated by importance sampling
+    with K samples per point (positive nats per data point) and ``test_nll_stderr``, its standard error over
+    the test points; ``seconds`` is the evaluation's wall time. The whole test set is used unless
+    ``max_points`` takes only the first points (the test order is fixed). ``compile`` computes the
+    log-likelihood's log weights under :func:`torch.compile`.
     """
     device = resolve_device(device) if isinstance(device, str) else device
     data = run.load_data()
@@ -307,6 +452,7 @@ def evaluate_run(run: Run, *, num_samples: int = 0, batch_size: int = 256, elbo_
     x = prepare_eval_data(vae, data.x_test.to(device), run.config.binarize)[:max_points]
     args = (x, data.y_test.to(device)[: x.shape[0]]) if run.config.conditional else (x,)
     result = {"epoch": run.epoch, "checkpoint": run.checkpoint, "num_test": int(x.shape[0])}
+    start = time.perf_counter()
     with torch.no_grad():
         result["test_elbo"] = float(evaluation.elbo(vae.model, vae.guide, args, num_particles=elbo_particles,
                                                     batch_size=batch_size).mean())
@@ -315,10 +461,18 @@ def evaluate_run(run: Run, *, num_samples: int = 0, batch_size: int = 256, elbo_
         result["kl_per_dimension"] = [float(v) if math.isfinite(v) else None for v in kl.tolist()]
     if num_samples:
         ll = evaluation.log_likelihood(vae.model, vae.guide, args, num_samples=num_samples, batch_size=None,
-                                       progress=progress)
+                                       progress=progress, compile=compile)
         result["test_nll"] = float(-ll.mean())
         result["test_nll_stderr"] = float(ll.std() / len(ll) ** 0.5)
         result["num_samples"] = int(num_samples)
+    result["seconds"] = time.perf_counter() - start
     if write:
-        atomic_write_bytes(Path(run.dir) / "eval.json", (json.dumps(result, indent=2) + "\n").encode())
+        write_eval(run, result)
     return result
+
+
+def write_eval(run: Run, result: dict) -> Path:
+    """Write ``result`` to ``RUN_DIR/eval.json``; an unwritable folder is an OSError naming it."""
+    path = Path(run.dir) / EVAL
+    atomic_write_bytes(path, (json.dumps(result, indent=2) + "\n").encode())
+    return path

@@ -15,6 +15,7 @@ checkpointing. Losses are accumulated on the device; the host reads them once pe
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,12 +27,13 @@ from torch.nn.parallel import DistributedDataParallel
 import pyro
 
 from .data import DataError, binarize, check_data, check_labels, needs_binarization, prepare_eval_data
+from .compiling import Compiled
 from .distributed import World, all_reduce_sum, setup, shard
 from .objectives import MonteCarloELBO, as_particle_objective, make_objective
 
 __all__ = ["fit", "TrainState", "TrainingData", "prepare_training_data", "train_epoch", "guarded_step",
-           "Callback", "ProgressBar", "KLWarmup", "ObjectiveModule", "make_adam", "resolve_device",
-           "resolve_objective", "mean_loss", "DivergenceError"]
+           "Callback", "ProgressBar", "KLWarmup", "LRSchedule", "EarlyStopping", "learning_rate", "ObjectiveModule",
+           "make_adam", "resolve_device", "resolve_objective", "mean_loss", "DivergenceError"]
 
 
 class DivergenceError(FloatingPointError):
@@ -77,17 +79,35 @@ def make_adam(params, lr: float, device: torch.device, eps: float = 1e-8) -> tor
 
 
 class ObjectiveModule(nn.Module):
-    """``forward(*batch) = objective.differentiable_loss(vae.model, vae.guide, *batch)``: the loss as a module,
-    so that ``DistributedDataParallel`` can wrap it. Pyro's Trace_ELBO / TraceMeanField_ELBO are replaced by
-    their particle equivalents (:func:`~pyro_vae.objectives.as_particle_objective`)."""
+    """``forward(*batch)``: the objective's loss on a minibatch, as a module that ``DistributedDataParallel``
+    can wrap. Pyro's Trace_ELBO / TraceMeanField_ELBO are replaced by their particle equivalents
+    (:func:`~pyro_vae.objectives.as_particle_objective`), whose ``surrogate_loss`` (the trace-free twin plus one
+    formula, no host sync) is the forward; any other ELBO's ``differentiable_loss`` is.
 
-    def __init__(self, vae: nn.Module, objective: pyro.infer.ELBO):
+    ``compile=True`` runs the forward under :func:`torch.compile` (:class:`~pyro_vae.compiling.Compiled`: the
+    same noise, values and gradients as eager; CUDA graphs on a GPU; eager, with a warning, where no compiler
+    works). ``compile_seconds`` is the wall time of the calls that compiled.
+    """
+
+    def __init__(self, vae: nn.Module, objective: pyro.infer.ELBO, compile: bool = False):
         super().__init__()
         self.vae = vae
         self.objective = as_particle_objective(objective) or objective
+        loss = getattr(self.objective, "surrogate_loss", self.objective.differentiable_loss)
+        self._loss = functools.partial(loss, vae.model, vae.guide)
+        if compile:
+            self._loss = Compiled(self._loss, cuda=next(vae.parameters()).is_cuda)
+
+    @property
+    def compiled(self) -> bool:
+        return getattr(self._loss, "compiled", False)
+
+    @property
+    def compile_seconds(self) -> float:
+        return getattr(self._loss, "compile_seconds", 0.0)
 
     def forward(self, *batch):
-        return self.objective.differentiable_loss(self.vae.model, self.vae.guide, *batch)
+        return self._loss(*batch)
 
 
 @torch.no_grad()
@@ -201,6 +221,12 @@ class TrainState:
     partial_count: int = 0
     epoch_rng: torch.Tensor | None = None  # the data generator's state at the start of this epoch
     stop: bool = False  # set by a callback to end training after this epoch
+    extras: dict = field(default_factory=dict)  # callbacks' memory (plain values), kept in checkpoints
+
+    @property
+    def objective_module(self) -> ObjectiveModule:
+        """The :class:`ObjectiveModule` (unwrapped from DistributedDataParallel)."""
+        return getattr(self.loss_fn, "module", self.loss_fn)
 
     def is_finite(self) -> bool:
         """One host sync: the epoch's partial loss and every parameter are finite (safe to checkpoint)."""
@@ -216,10 +242,12 @@ class TrainState:
             rng["epoch_generator"] = self.epoch_rng
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"epoch": self.epoch + (1 if epoch_done else 0), "step_in_epoch": 0 if epoch_done else self.step_in_epoch,
+        return {"epoch": self.epoch + (1 if epoch_done else 0),
+                "step_in_epoch": 0 if epoch_done else self.step_in_epoch,
                 "global_step": self.global_step, "partial_loss": 0.0 if epoch_done else float(self.partial_loss),
                 "partial_count": 0 if epoch_done else self.partial_count, "model": self.vae.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "rng": rng, "input_shape": list(self.vae.input_shape)}
+                "optimizer": self.optimizer.state_dict(), "rng": rng, "input_shape": list(self.vae.input_shape),
+                "extras": copy.deepcopy(self.extras)}
 
     def restore(self, checkpoint: dict) -> None:
         """Continue from a checkpoint: the same parameters, optimizer moments, position and random streams."""
@@ -229,6 +257,7 @@ class TrainState:
         self.global_step = int(checkpoint.get("global_step", 0))
         self.partial_loss = float(checkpoint.get("partial_loss", 0.0))
         self.partial_count = int(checkpoint.get("partial_count", 0))
+        self.extras = copy.deepcopy(checkpoint.get("extras", {}))
         rng = checkpoint["rng"]
         self.generator.set_state(rng["epoch_generator"] if self.step_in_epoch else rng["generator"])
         torch.set_rng_state(rng["torch"])
@@ -236,12 +265,13 @@ class TrainState:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
 
 
-def _make_state(vae, objective, lr: float, seed: int, device: torch.device, world: World, adam_eps: float):
+def _make_state(vae, objective, lr: float, seed: int, device: torch.device, world: World, adam_eps: float,
+                compile: bool = False):
     vae.to(device)
     pyro.set_rng_seed(seed + world.rank)  # each process draws its own noise
     generator = torch.Generator(device=device).manual_seed(seed)  # the same data order on every process
     optimizer = make_adam(list(vae.parameters()), lr, device, eps=adam_eps)
-    module = ObjectiveModule(vae, objective)
+    module = ObjectiveModule(vae, objective, compile=compile)
     loss_fn = module
     if world.distributed:
         loss_fn = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
@@ -296,6 +326,70 @@ class KLWarmup(Callback):
         state.objective.beta = self.beta * min(1.0, (state.epoch + 1) / self.epochs)
 
 
+#: learning-rate schedules, lr_e for epoch e (0-based) of E
+LR_SCHEDULES = ("constant", "exponential", "cosine", "burda")
+#: Burda et al. (2016), sec. 5: pass i = 0..7 lasts 3^i epochs at lr 10^(-i/7) times the initial lr
+BURDA_PASSES = 8
+
+
+def learning_rate(schedule: str, epoch: int, epochs: int, lr: float, lr_final: float | None = None) -> float:
+    """The learning rate of ``epoch`` (0-based) of ``epochs`` under ``schedule``:
+
+    * ``constant``: lr;
+    * ``exponential``: lr (lr_final / lr)^(e / (E - 1)), from lr to lr_final (default lr / 100);
+    * ``cosine``: lr_final + (lr - lr_final) (1 + cos(pi e / E)) / 2 (Loshchilov & Hutter, 2017; default 0);
+    * ``burda``: lr 10^(-i/7) in pass i, where pass i = 0..7 lasts 3^i epochs (3280 epochs in all; Burda,
+      Grosse & Salakhutdinov, 2016); a shorter run stops early in the schedule, a longer one stays in pass 7.
+    """
+    if schedule == "constant":
+        return lr
+    if schedule == "exponential":
+        final = lr / 100 if lr_final is None else lr_final
+        return lr * (final / lr) ** (epoch / max(1, epochs - 1))
+    if schedule == "cosine":
+        final = 0.0 if lr_final is None else lr_final
+        return final + (lr - final) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+    if schedule == "burda":
+        ends = [sum(3 ** j for j in range(i + 1)) for i in range(BURDA_PASSES)]
+        return lr * 10 ** (-min(sum(epoch >= end for end in ends), BURDA_PASSES - 1) / 7)
+    raise ValueError(f"unknown lr_schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+
+
+class LRSchedule(Callback):
+    """Sets the optimizer's learning rate at the start of every epoch to :func:`learning_rate` (a function of
+    the epoch alone, so a resumed run follows the same schedule)."""
+
+    def __init__(self, schedule: str, epochs: int, lr: float, lr_final: float | None = None):
+        learning_rate(schedule, 0, epochs, lr, lr_final)  # an unknown schedule fails here, before training
+        self.schedule, self.epochs, self.lr, self.lr_final = schedule, epochs, lr, lr_final
+
+    def on_epoch_start(self, state):
+        for group in state.optimizer.param_groups:
+            group["lr"] = learning_rate(self.schedule, state.epoch, self.epochs, self.lr, self.lr_final)
+
+
+class EarlyStopping(Callback):
+    """Stop when the validation ELBO has not improved for ``patience`` epochs. Its memory (best value, epochs
+    since) lives in ``state.extras`` and so in checkpoints: a resumed run stops where the original would."""
+
+    def __init__(self, patience: int):
+        if int(patience) < 1:
+            raise ValueError(f"patience must be a positive number of epochs, got {patience!r}")
+        self.patience = int(patience)
+
+    def on_epoch_end(self, state, metrics):
+        if "val_elbo" not in metrics:
+            return
+        memory = state.extras.setdefault("early_stopping", {"best": -math.inf, "since": 0})
+        if metrics["val_elbo"] > memory["best"]:
+            memory["best"], memory["since"] = metrics["val_elbo"], 0
+        else:
+            memory["since"] += 1
+        if memory["since"] >= self.patience:
+            metrics["stopped_early"] = True
+            state.stop = True
+
+
 # ---------------------------------------------------------------------------------------------- steps
 def guarded_step(state: TrainState, batch: tuple, guard: str) -> torch.Tensor | None:
     """One SVI step: the objective's loss on a minibatch, the gradient of the loss per data point, an Adam update.
@@ -309,7 +403,7 @@ def guarded_step(state: TrainState, batch: tuple, guard: str) -> torch.Tensor | 
     (loss / batch[0].shape[0]).backward()
     if guard == "skip" and not (bool(torch.isfinite(loss)) and _grads_finite(state.vae)):
         return None
-    if guard == "check" and not bool(torch.isfinite(loss)):
+    if guard == "check" and not math.isfinite(loss.item()):  # on the CPU: a read, no kernel
         raise DivergenceError(f"non-finite loss at step {state.global_step + 1} (epoch {state.epoch + 1})")
     state.optimizer.step()
     return loss.detach()
@@ -373,39 +467,47 @@ def _validate(state: TrainState, data: TrainingData, metrics: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- fit
 def fit(vae, train, val=None, *, objective="elbo", epochs: int = 10, batch_size: int = 128, lr: float = 1e-3,
-        seed: int = 0, device="cpu", progress: bool = True, callbacks=(), resume_state: dict | None = None,
-        binarize_mode: str = "auto", on_nan: str = "stop", kl_warmup: int = 0, adam_eps: float = 1e-8,
-        **objective_options) -> list[dict]:
+        lr_schedule: str = "constant", lr_final: float | None = None, adam_eps: float = 1e-8, kl_warmup: int = 0,
+        patience: int | None = None, init_output_bias: str = "default", binarize_mode: str = "auto",
+        on_nan: str = "stop", seed: int = 0, device="cpu", compile: bool = False, progress: bool = True,
+        callbacks=(), resume_state: dict | None = None, **objective_options) -> list[dict]:
     """Train ``vae`` by SVI on ``train`` (tensor, numpy array, ``(x, c)`` pair or DataLoader); per-epoch metrics.
 
     Each epoch records ``train_loss`` (the objective's loss per data point; for the ELBO objectives -ELBO in
-    nats), ``val_elbo`` (the ELBO per validation point, one reparameterized sample), ``beta`` when the
+    nats), ``val_elbo`` (the ELBO per validation point, one reparameterized sample), ``lr``, ``beta`` when the
     objective has one, and wall time. ``objective`` is a name of :data:`~pyro_vae.objectives.OBJECTIVES` with
     ``objective_options`` (``num_particles``, ``estimator``, ``beta``, ``alpha``), or a ``pyro.infer.ELBO``.
 
+    Optimization: Adam (``lr``, ``adam_eps``) with a per-epoch ``lr_schedule`` (:func:`learning_rate`:
+    constant, exponential or cosine towards ``lr_final``, or Burda et al.'s), ``kl_warmup=E`` annealing the
+    objective's KL weight from 0 over E epochs (on a copy: the objective passed in is left as it is), and
+    ``patience=N`` stopping when the validation ELBO has not improved for N epochs. ``init_output_bias``:
+    ``"data-mean"`` starts the decoder's output bias at the likelihood's parameters for the mean training
+    image (:meth:`pyro_vae.vae.VAE.init_output_bias`), ``"zero"`` at 0, ``"default"`` leaves PyTorch's.
+
+    ``compile=True`` runs the loss under :func:`torch.compile` (:class:`ObjectiveModule`; the first epoch's
+    ``compile_seconds`` says what compiling cost), falling back to eager with a warning where it cannot.
     ``callbacks``: :class:`Callback` objects (e.g. :class:`pyro_vae.runs.RunWriter` checkpoints);
     ``resume_state`` (a checkpoint) continues a run exactly where it stopped, random streams included, so
     the result equals an uninterrupted run. ``on_nan="stop"`` raises :class:`DivergenceError` at the first
     non-finite loss; ``"skip"`` drops such steps (counted in ``skipped_steps``; more than half of an epoch is
-    an error). ``kl_warmup=E`` anneals the objective's KL weight from 0 over E epochs (a copy of the objective
-    is annealed; the one passed in is left as it is).
-
-    Under ``torchrun`` the gradients are averaged across processes by DistributedDataParallel; each process
-    takes ``batch_size`` points of every global minibatch of ``batch_size * world_size``.
+    an error). Under ``torchrun`` the gradients are averaged across processes by DistributedDataParallel; each
+    process takes ``batch_size`` points of every global minibatch of ``batch_size * world_size``.
     """
     device = resolve_device(device) if isinstance(device, str) else device
     objective = resolve_objective(objective, **objective_options)
     _check_options(epochs, batch_size, lr, on_nan, kl_warmup, objective)
+    _check_lr_schedule(lr_schedule, lr_final, lr)
     world = setup(device)
     data = prepare_training_data(vae, train, val, binarize_mode, device)
+    if resume_state is None:
+        _init_output_bias(vae, data, init_output_bias)
     if kl_warmup:
         objective = copy.copy(objective)
-    state = _make_state(vae, objective, lr, seed, device, world, adam_eps)
+    state = _make_state(vae, objective, lr, seed, device, world, adam_eps, compile)
     if resume_state is not None:
         state.restore(resume_state)
-    callbacks = list(callbacks)
-    if kl_warmup:
-        callbacks.insert(0, KLWarmup(kl_warmup, objective.beta))
+    callbacks = _builtin_callbacks(epochs, lr, lr_schedule, lr_final, kl_warmup, patience, objective) + list(callbacks)
     if progress and world.rank == 0:
         callbacks.append(ProgressBar(epochs))
     guard = on_nan if on_nan == "skip" else ("check" if device.type == "cpu" else "none")
@@ -419,22 +521,57 @@ def fit(vae, train, val=None, *, objective="elbo", epochs: int = 10, batch_size:
     return history
 
 
+def _builtin_callbacks(epochs, lr, lr_schedule, lr_final, kl_warmup, patience, objective) -> list:
+    """KL warm-up and the learning-rate schedule (at epoch start), early stopping (first at epoch end)."""
+    callbacks = [LRSchedule(lr_schedule, epochs, lr, lr_final)]
+    if kl_warmup:
+        callbacks.append(KLWarmup(kl_warmup, objective.beta))
+    if patience is not None:
+        callbacks.append(EarlyStopping(patience))
+    return callbacks
+
+
+OUTPUT_BIAS_INITS = ("default", "zero", "data-mean")
+
+
+def _init_output_bias(vae, data: TrainingData, how: str) -> None:
+    if how not in OUTPUT_BIAS_INITS:
+        raise ValueError(f"unknown init_output_bias {how!r}; choose one of {', '.join(OUTPUT_BIAS_INITS)}")
+    if how == "default":
+        return
+    if data.x is None:
+        raise ValueError(f"init_output_bias={how!r} needs tensor training data (not a DataLoader)")
+    mean = data.x.mean(0)
+    vae.init_output_bias(mean if how == "data-mean" else None)
+
+
 def _run_epoch(state: TrainState, data: TrainingData, batch_size: int, guard: str, callbacks) -> dict:
     """One epoch with its callbacks and validation."""
     for cb in callbacks:
         cb.on_epoch_start(state)
-    t0 = time.perf_counter()
+    t0, compiled = time.perf_counter(), state.objective_module.compile_seconds
     state.vae.train()
     with pyro.validation_enabled(False):
         metrics = train_epoch(state, data, batch_size, guard, callbacks)
     state.vae.eval()
     _validate(state, data, metrics)
     metrics["seconds"] = time.perf_counter() - t0
+    metrics["lr"] = state.optimizer.param_groups[0]["lr"]
+    if state.objective_module.compile_seconds > compiled:
+        metrics["compile_seconds"] = state.objective_module.compile_seconds - compiled
     if hasattr(state.objective, "beta"):
         metrics["beta"] = float(state.objective.beta)
     for cb in callbacks:
         cb.on_epoch_end(state, metrics)
     return metrics
+
+
+def _check_lr_schedule(lr_schedule, lr_final, lr) -> None:
+    if lr_final is not None and lr_schedule not in ("exponential", "cosine"):
+        raise ValueError(f"lr_final (--lr-final) applies to the exponential and cosine schedules, not "
+                         f"{lr_schedule!r}")
+    if lr_final is not None and not (0 < lr_final <= lr or (lr_schedule == "cosine" and lr_final == 0)):
+        raise ValueError(f"lr_final must be in (0, lr = {lr}] (cosine: [0, lr]), got {lr_final}")
 
 
 def _check_options(epochs, batch_size, lr, on_nan, kl_warmup, objective) -> None:

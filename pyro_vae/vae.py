@@ -12,11 +12,18 @@
 Training maximizes ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z)) with any Pyro objective, e.g.
 ``pyro.infer.SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO())``.
 
+Test-time inference: :meth:`VAE.refine` improves the encoder's q(z|x) for fixed x by SVI on per-point
+variational parameters (a :class:`~pyro_vae.guides.LocalPosterior`), with the decoder frozen; its ``guide``
+evaluates like ``vae.guide`` (the inference-gap analysis of :mod:`pyro_vae.analysis` is built on it).
+
 Every method takes ``(x, c=None)``: a plain VAE ignores the condition c, and
 :class:`~pyro_vae.conditional.ConditionalVAE` overrides only the building blocks that use it (``condition``,
 the networks' inputs and the prior), so model, guide and twin are written once.
 """
 from __future__ import annotations
+
+import copy
+import math
 
 import torch
 from torch import nn
@@ -25,12 +32,14 @@ import pyro
 import pyro.distributions as dist
 
 from .data import as_batch
-from .guides import make_posterior
+from .guides import POSTERIORS, LocalPosterior, make_posterior, marginal_moments
 from .likelihoods import make_likelihood
 from .networks import make_networks
 from .particles import NotReparameterizedError, Particles, closed_form_kl, detach_distribution
 
 __all__ = ["VAE", "as_batch"]
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class VAE(nn.Module):
@@ -96,6 +105,10 @@ class VAE(nn.Module):
     def prior(self, cond=None) -> dist.TorchDistribution:
         """p(z) = N(0, I_d)."""
         return dist.Normal(self.prior_loc, self.prior_scale).to_event(1)
+
+    def prior_log_prob(self, z: torch.Tensor, cond=None) -> torch.Tensor:
+        """log p(z) = -|z|^2 / 2 - d/2 log(2 pi) (``self.prior(cond).log_prob(z)`` in closed form)."""
+        return -0.5 * z.square().sum(-1) - self.z_dim * _LOG_SQRT_2PI
 
     def _encode_params(self, x: torch.Tensor, cond=None) -> torch.Tensor:
         """Encoder features for x of shape (..., *input_shape) -> (..., posterior.num_params)."""
@@ -173,23 +186,27 @@ class VAE(nn.Module):
         the Monte Carlo log q - log p where no closed form is registered). Shapes (K, N).
         """
         x, cond = self._data(x), self.condition(c)
-        q = self.posterior(self._encode_params(x, cond))
-        if not q.has_rsample:
-            raise NotReparameterizedError(f"the {type(q).__name__} posterior has no rsample")
-        k = int(num_particles)
-        z = q.rsample((k,)) if k > 1 else q.rsample().unsqueeze(0)  # the draws of Pyro's particle plate
-        prior = self.prior(cond)
+        params = self._encode_params(x, cond)
+        z, log_qz = self._rsample(params, int(num_particles))  # the draws of Pyro's particle plate
         out = self._decode_params(z, cond)
-        p = Particles(self.likelihood.log_prob(out, x, self.likelihood_mask(c, mask)), prior.log_prob(z),
-                      q.log_prob(z))
+        p = Particles(self.likelihood.log_prob(out, x, self.likelihood_mask(c, mask)), self.prior_log_prob(z, cond),
+                      log_qz)
+        if stop_q or kl:
+            q = self.posterior(params)
         if stop_q:
             p.log_qz_stop = detach_distribution(q).log_prob(z)
             p.gradient_scalers = [lambda w: _scale_gradient(z, w, q.event_dim)]
         if kl:
-            closed = closed_form_kl(q, prior)
+            closed = closed_form_kl(q, self.prior(cond))
             p.kl = p.log_qz - p.log_pz if closed is None else closed.expand_as(p.log_qz)
             p.kl_monte_carlo = ("z",) if closed is None else ()
         return p
+
+    def _rsample(self, params, num_particles: int):
+        try:
+            return self.posterior.rsample_and_log_prob(params, num_particles)
+        except NotImplementedError:  # no rsample
+            raise NotReparameterizedError(f"the {type(self.posterior).__name__} posterior has no rsample") from None
 
     def particle_twin_of(self, model, guide) -> bool:
         """Whether :meth:`particles` mirrors this ``(model, guide)`` pair: the class's own, unmodified programs
@@ -197,7 +214,74 @@ class VAE(nn.Module):
         return (getattr(model, "__func__", None), getattr(guide, "__func__", None),
                 type(self).particles) == type(self).twin_mirrors
 
+    # ----------------------------------------------------------------- test-time inference
+    @torch.no_grad()
+    def local_posterior(self, x, c=None, family=None, *, name: str = "local_posterior") -> LocalPosterior:
+        """A :class:`~pyro_vae.guides.LocalPosterior` for the points x, initialised at the encoder's q(z|x).
+
+        ``family``: None (or the encoder's own family, by name or instance) starts from the encoder's features
+        and a copy of its family (an IAF keeps its trained flow); another family (a name of
+        ``pyro_vae.guides.POSTERIORS``, ``"flow"`` for ``"iaf"``, or a :class:`~pyro_vae.guides.PosteriorFamily`,
+        copied) starts from its member with q's means and marginal standard deviations and no correlation
+        (``family.init_local``), e.g. a Cholesky or flow q equal to a diagonal encoder's q.
+        """
+        x, cond = self._data(x), self.condition(c)
+        params = self._encode_params(x, cond)
+        family = "iaf" if family == "flow" else family
+        if family is None or family is self.posterior or (isinstance(family, str) and
+                                                           POSTERIORS.get(family) is type(self.posterior)):
+            return LocalPosterior(copy.deepcopy(self.posterior), params, self.input_shape, name)
+        target = copy.deepcopy(make_posterior(family, self.z_dim)).to(device=x.device, dtype=self.dtype)
+        if target.z_dim != self.z_dim:
+            raise ValueError(f"the {type(target).__name__} family has z_dim {target.z_dim}, the VAE {self.z_dim}")
+        loc, scale = marginal_moments(self.posterior(params))
+        return LocalPosterior(target, target.init_local(loc, scale), self.input_shape, name)
+
+    def refine(self, x, c=None, steps: int = 100, *, family=None, num_particles: int = 1, lr: float = 0.01,
+               optim=None, loss=None, mask=None) -> LocalPosterior:
+        r"""Semi-amortized inference (Kim et al., 2018; Marino et al., 2018): start from the encoder's q(z|x_n)
+        and improve each point's variational parameters lambda_n by ``steps`` steps of Pyro SVI on
+
+            sum_n ELBO(x_n; lambda_n) = sum_n E_q(z|lambda_n)[log p(x_n, z) - log q(z | lambda_n)],
+
+        vectorized over the points (one (N, P) parameter tensor in the data plate) with the VAE frozen (its
+        weights are not touched; their ``requires_grad`` is restored afterwards). Returns the
+        :class:`~pyro_vae.guides.LocalPosterior` (its ``trace`` is the objective per step): evaluate it with
+        ``pyro_vae.evaluation.elbo(vae.model, local.guide, x, batch_size=None)``, or use it as the proposal of
+        ``log_likelihood``. ``family`` as in :meth:`local_posterior`; ``optim``/``loss`` as in
+        :meth:`~pyro_vae.guides.LocalPosterior.fit` (defaults: ClippedAdam at ``lr`` decaying to lr/10,
+        Trace_ELBO with ``num_particles`` vectorized particles).
+        """
+        local = self.local_posterior(x, c, family)
+        if loss is None:  # the model's one plate ("data"), inside Pyro's particle plate
+            loss = pyro.infer.Trace_ELBO(num_particles=int(num_particles), vectorize_particles=True,
+                                         max_plate_nesting=1)
+        frozen = [(p, p.requires_grad) for p in self.parameters()]
+        training = self.training
+        try:
+            for p, _ in frozen:
+                p.requires_grad_(False)
+            self.eval()
+            local.fit(self.model, self._data(x), c, steps=steps, num_particles=num_particles, lr=lr, optim=optim,
+                      loss=loss, mask=mask)
+        finally:
+            for p, flag in frozen:
+                p.requires_grad_(flag)
+            self.train(training)
+        return local
+
     # ----------------------------------------------------------------- helpers
+    @torch.no_grad()
+    def init_output_bias(self, mean=None) -> None:
+        """Start the decoder's output bias where E[x|z] is the mean image ``mean`` (the logit of the mean pixel
+        for a Bernoulli likelihood; Burda et al., 2016), or at 0 when ``mean`` is None. The decoder needs a
+        ``set_output_bias(bias)`` method (the bundled MLP and convolutional decoders have one)."""
+        setter = getattr(self.decoder, "set_output_bias", None)
+        if setter is None:
+            raise ValueError(f"the decoder {type(self.decoder).__name__} has no set_output_bias(bias) method")
+        shape = (self.likelihood.num_params, *self.input_shape)
+        setter(torch.zeros(shape) if mean is None else self.likelihood.output_for_mean(self._data(mean[None])[0]))
+
     def encode(self, x, c=None) -> dist.TorchDistribution:
         """The posterior q(z|x) as a distribution with batch_shape (N,) and event_shape (z_dim,)."""
         return self.posterior(self._encode_params(self._data(x), self.condition(c)))

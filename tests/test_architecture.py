@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pyro_vae"
 
 #: layers, lowest first: a module imports only modules of its own or a lower layer
 LAYERS = [
-    {"config", "distributed", "data"},
+    {"config", "distributed", "data", "compiling"},
     {"networks", "likelihoods", "guides", "particles", "score_function"},
     {"vae"},
     {"conditional"},

@@ -49,8 +49,21 @@ def test_truncated_idx_file_is_a_clear_error(tmp_path):
     raw = write_mnist(tmp_path, n_train=10, n_test=5)
     f = raw / "train-images-idx3-ubyte"
     f.write_bytes(f.read_bytes()[:100])
-    with pytest.raises(DataError, match="could not read MNIST"):
+    with pytest.raises(DataError, match=f"could not read MNIST: {f} is corrupt or truncated "
+                                        r"\(10x28x28 values need 7856 bytes, the file has 100\)"):
         load_dataset("mnist", tmp_path)
+
+
+def test_data_to_binarize_must_be_probabilities():
+    from pyro_vae.data import needs_binarization
+    from pyro_vae.likelihoods import Bernoulli, Gaussian
+    lik = Bernoulli((4,))
+    assert needs_binarization(lik, torch.rand(3, 4)) and not needs_binarization(lik, torch.ones(3, 4))
+    with pytest.raises(DataError, match=r"needs values in \[0, 1\]; got values in \[-1, 2\]"):
+        needs_binarization(lik, torch.tensor([[-1.0, 2.0]]))
+    with pytest.raises(DataError, match="applies to binary likelihoods"):
+        needs_binarization(Gaussian((4,)), torch.rand(3, 4), "dynamic")
+    assert not needs_binarization(Gaussian((4,)), torch.rand(3, 4) * 5, "auto")
 
 
 def test_unknown_dataset():

@@ -125,3 +125,100 @@ def test_float64_conditional_vae_trains(digits):
     vae = ConditionalVAE(digits.input_shape, num_classes=10, z_dim=2, hidden=(16,), prior="learned").double()
     history = fit(vae, (digits.x_train[:128], digits.y_train[:128]), (digits.x_val, digits.y_val), **TINY)
     assert next(vae.parameters()).dtype == torch.float64 and history[0]["val_elbo"] < 0
+
+
+# ---------------------------------------------------------------------------------------------- schedules
+def test_learning_rate_schedules():
+    from pyro_vae.training import learning_rate
+
+    assert learning_rate("constant", 7, 10, 1e-3) == 1e-3
+    assert learning_rate("exponential", 0, 10, 1e-3, 1e-5) == pytest.approx(1e-3)
+    assert learning_rate("exponential", 9, 10, 1e-3, 1e-5) == pytest.approx(1e-5)
+    assert learning_rate("exponential", 9, 10, 1e-3) == pytest.approx(1e-5)  # default lr / 100
+    assert learning_rate("cosine", 0, 10, 1e-3) == pytest.approx(1e-3)
+    assert learning_rate("cosine", 5, 10, 1e-3, 1e-4) == pytest.approx((1e-3 + 1e-4) / 2)
+    # Burda et al.: pass i of 3^i epochs at 1e-3 * 10^(-i/7), 3280 epochs in all
+    burda = [learning_rate("burda", e, 3280, 1e-3) for e in range(3280)]
+    for i in range(8):
+        start = sum(3 ** j for j in range(i))
+        assert burda[start:start + 3 ** i] == [pytest.approx(1e-3 * 10 ** (-i / 7))] * 3 ** i
+    assert learning_rate("burda", 5000, 3280, 1e-3) == pytest.approx(1e-3 * 10 ** (-1))
+    with pytest.raises(ValueError, match="unknown lr_schedule 'step'"):
+        learning_rate("step", 0, 10, 1e-3)
+
+
+def test_fit_follows_the_schedule_and_logs_the_rate(digits):
+    history = fit(tiny_vae(digits), digits.x_train[:128], lr_schedule="exponential", lr=1e-2, lr_final=1e-4,
+                  **{**TINY, "epochs": 3})
+    assert [m["lr"] for m in history] == pytest.approx([1e-2, 1e-3, 1e-4])
+
+
+@pytest.mark.parametrize("schedule, patience", [("burda", None), ("cosine", 2)])
+def test_a_resumed_fit_is_bit_exact_under_a_schedule_and_early_stopping(digits, schedule, patience):
+    class Snapshot(Callback):
+        saved = None
+
+        def on_step_end(self, state):
+            if state.global_step == 13:  # mid-epoch 4 (4 steps per epoch)
+                Snapshot.saved = copy.deepcopy(state.checkpoint(epoch_done=False))
+
+    options = dict(lr_schedule=schedule, patience=patience, seed=2, **{**TINY, "epochs": 6})
+    full = tiny_vae(digits)
+    full_history = fit(full, digits.x_train[:256], digits.x_val, callbacks=[Snapshot()], **options)
+    resumed = tiny_vae(digits)
+    history = fit(resumed, digits.x_train[:256], digits.x_val, resume_state=Snapshot.saved, **options)
+    assert [m["lr"] for m in history] == [m["lr"] for m in full_history[3:]]
+    assert [m["epoch"] for m in history] == [m["epoch"] for m in full_history[3:]]
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_patience_stops_when_the_validation_elbo_stalls(digits):
+    history = fit(tiny_vae(digits), digits.x_train[:128], digits.x_val, lr=1e-7, patience=2,
+                  **{**TINY, "epochs": 50})
+    best = max(range(len(history)), key=lambda i: history[i]["val_elbo"])
+    assert len(history) == best + 3 and history[-1]["stopped_early"]
+
+
+def test_data_mean_output_bias_starts_at_the_logit_of_the_mean_pixel(digits):
+    vae = tiny_vae(digits)
+    fit(vae, digits.x_train, init_output_bias="data-mean", **{**TINY, "epochs": 0})
+    mean = digits.x_train.mean(0).clamp(1e-3, 1 - 1e-3)
+    torch.testing.assert_close(vae.decoder.net[-1].bias, torch.logit(mean).flatten())
+    zero = tiny_vae(digits)
+    fit(zero, digits.x_train, init_output_bias="zero", **{**TINY, "epochs": 0})
+    assert torch.equal(zero.decoder.net[-1].bias, torch.zeros(64))
+    first = [fit(tiny_vae(digits), digits.x_train, init_output_bias=how, **TINY)[0]["train_loss"]
+             for how in ("default", "data-mean")]
+    assert first[1] < first[0] - 5  # the first epoch starts from the mean image, not from p = 1/2
+
+
+def test_exp_scale_parameterization(digits):
+    vae = VAE(digits.input_shape, z_dim=2, hidden=(8,), guide_kwargs={"scale_param": "exp"})
+    params = torch.randn(3, 4)
+    torch.testing.assert_close(vae.posterior(params).base_dist.scale, params[:, 2:].exp())
+
+
+def test_evaluate_the_best_or_the_last_checkpoint(tmp_path, capsys):
+    import json
+
+    from pyro_vae.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "4", "--z-dim", "2", "--hidden", "8", "--lr", "0.05", "--no-progress",
+                 "--out", str(run)]) == 0
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    best_epoch = max(metrics, key=lambda m: m["val_elbo"])["epoch"]
+    for which, epoch, file in (("last", 4, "checkpoint.pt"), ("best", best_epoch, "best.pt")):
+        assert main(["evaluate", str(run), "--checkpoint", which, "--num-samples", "30", "--test-points", "40"]) == 0
+        result = json.loads((run / "eval.json").read_text())
+        assert (result["epoch"], result["checkpoint"], result["num_test"]) == (epoch, file, 40)
+        assert result["test_nll_stderr"] > 0 and result["seconds"] > 0
+
+
+def test_lr_final_belongs_to_the_decaying_schedules(digits):
+    for schedule in ("constant", "burda"):
+        with pytest.raises(ValueError, match=f"applies to the exponential and cosine schedules, not '{schedule}'"):
+            fit(tiny_vae(digits), digits.x_train[:64], lr_schedule=schedule, lr_final=1e-5, **TINY)
+    with pytest.raises(ValueError, match="lr_final must be in"):
+        fit(tiny_vae(digits), digits.x_train[:64], lr_schedule="exponential", lr_final=0.1, **TINY)

@@ -79,14 +79,15 @@ class ParticleObjective(ELBO):
                               stacklevel=5)
 
     def _bound_and_surrogate(self, model, guide, args, kwargs, for_gradients: bool):
-        bound = surrogate = 0.0
-        draws = 1 if self.vectorize_particles else self.num_particles
+        """(bound, surrogate) of one vectorized draw, or the average over K single-particle draws."""
+        results = []
         for particles in self._draws(model, guide, args, kwargs, for_gradients):
             if self.needs_kl:
                 self._warn_monte_carlo_kl(particles)
-            b, s = self.bound(particles)
-            bound, surrogate = bound + b / draws, surrogate + s / draws
-        return bound, surrogate
+            results.append(self.bound(particles))
+        if len(results) == 1:
+            return results[0]
+        return tuple(sum(values) / len(values) for values in zip(*results))
 
     # ------------------------------------------------------------------------------------------ pyro.infer.ELBO
     def _get_trace(self, model, guide, args, kwargs):
@@ -95,10 +96,14 @@ class ParticleObjective(ELBO):
                                                  self._plate_nesting(model, guide, args, kwargs))
         return model_trace, guide_trace
 
+    def surrogate_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        """The negative bound, as a tensor whose gradient is the objective's estimator, without the NaN warning
+        (no host sync: what a trainer with its own divergence guard, or ``torch.compile``, calls)."""
+        return -self._bound_and_surrogate(model, guide, args, kwargs, for_gradients=True)[1]
+
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        """The negative bound, as a tensor whose gradient is the objective's estimator."""
-        _, surrogate = self._bound_and_surrogate(model, guide, args, kwargs, for_gradients=True)
-        loss = -surrogate
+        """The negative bound, as a tensor whose gradient is the objective's estimator (warns on NaN)."""
+        loss = self.surrogate_loss(model, guide, *args, **kwargs)
         warn_if_nan(loss, "loss")
         return loss
 

@@ -41,11 +41,16 @@ def elbo(p: Particles, beta: float = 1.0, analytic_kl: bool = False):
     if analytic_kl:
         if p.kl is None:
             raise ValueError("the analytic-KL ELBO needs particles drawn with kl=True")
-        kl = p.kl
+        per_particle = p.log_px_given_z - _times(beta, p.kl)
     else:
-        kl = p.log_qz - p.log_pz
-    value = p.scale * (p.log_px_given_z - beta * kl).mean(0).sum()
+        per_particle = p.log_weights if beta == 1 else p.log_px_given_z - beta * (p.log_qz - p.log_pz)
+    value = _times(p.scale, per_particle.mean(0).sum())
     return value, value
+
+
+def _times(factor: float, value: torch.Tensor) -> torch.Tensor:
+    """factor * value, without a multiplication by 1 (the common case) in the graph."""
+    return value if factor == 1 else factor * value
 
 
 def renyi(p: Particles, alpha: float = 0.0, estimator: str = "iwae"):
@@ -71,14 +76,19 @@ def renyi(p: Particles, alpha: float = 0.0, estimator: str = "iwae"):
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown gradient estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     power = 1.0 - alpha
-    bound = p.scale * log_mean_exp(power * p.log_weights).sum() / power
+    bound = _power_mean_bound(p.log_weights, power, p.scale)
     if estimator == "iwae" or p.log_qz_stop is None:  # the bound's own gradient (or a value-only draw)
         return bound, bound
     log_w = p.log_weights_stop
     if estimator == "stl":
-        surrogate = p.scale * log_mean_exp(power * log_w).sum() / power
+        surrogate = _power_mean_bound(log_w, power, p.scale)
     else:
-        w = torch.softmax(power * log_w.detach(), dim=0)
+        w = torch.softmax(_times(power, log_w.detach()), dim=0)
         p.scale_latent_gradients(alpha + power * w)  # times w~ below: alpha w~ + (1 - alpha) w~^2
-        surrogate = p.scale * (w * log_w).sum()
+        surrogate = _times(p.scale, (w * log_w).sum())
     return bound, bound.detach() + (surrogate - surrogate.detach())
+
+
+def _power_mean_bound(log_w: torch.Tensor, power: float, scale: float) -> torch.Tensor:
+    """scale * sum_n 1/power log (1/K) sum_k w_kn^power."""
+    return _times(scale / power, log_mean_exp(_times(power, log_w)).sum())
