@@ -1,4 +1,4 @@
-"""The ``pyro-vae`` command: train, evaluate, sample, plot, gradient-variance.
+"""The ``pyro-vae`` command: train, evaluate, sample, plot, gradient-variance, gaps.
 
 Bad input (an unknown option, a wrong value, missing data files) prints one line naming the problem and
 exits with status 2, leaving no half-written run directory.
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .analysis import DEFAULT_FAMILIES, gaps_markdown, inference_gaps, write_gaps
 from .config import RunConfig
 from .data import DATASETS, DataError, prepare_eval_data
 from .distributed import DistributedConfigError, world
@@ -259,13 +260,17 @@ def _add_evaluate(sub):
     p.add_argument("--compile", action="store_true", help="compute the log weights under torch.compile")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="test points per pass")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="where to evaluate")
+    p.add_argument("--refine-steps", type=_non_negative_int, default=0,
+                   help="test-time refinement: also report the ELBO and NLL of the encoder's posterior refined by N "
+                        "SVI steps per point (refined_elbo, refined_nll; docs/gaps.md); 0 skips it")
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(args):
     run = load_run(args.run_dir, best=args.checkpoint == "best")
     result = evaluate_run(run, num_samples=args.num_samples, batch_size=args.batch_size, max_points=args.test_points,
-                          device=resolve_device(args.device), progress=True, write=False, compile=args.compile)
+                          device=resolve_device(args.device), progress=True, write=False, compile=args.compile,
+                          refine_steps=args.refine_steps)
     print(json.dumps(result, indent=2))
     try:
         write_eval(run, result)
@@ -364,11 +369,70 @@ def _cmd_gradient_variance(args):
         print(p)
 
 
+# ---------------------------------------------------------------------------------------------- gaps
+def _add_gaps(sub):
+    p = sub.add_parser("gaps", help="amortization and approximation gaps of a run (Cremer et al., 2018)",
+                       description="Split the inference gap log p(x) - ELBO of test points into the approximation "
+                                   "gap (the family) and the amortization gap (the encoder): per-point posteriors "
+                                   "optimised by SVI; writes gaps.json, gaps.md and figures (docs/gaps.md).",
+                       formatter_class=_HelpFormatter)
+    p.add_argument("run_dir", help="a run directory written by pyro-vae train")
+    p.add_argument("--families", default=",".join(DEFAULT_FAMILIES),
+                   help="comma-separated posterior families to optimise per point (flow = an IAF; any of "
+                        f"{', '.join(sorted(POSTERIORS))})")
+    p.add_argument("--steps", type=_positive_int, default=500, help="SVI steps of each local optimisation")
+    p.add_argument("--test-points", type=_positive_int, default=200, help="the first N test points")
+    p.add_argument("--num-samples", type=_positive_int, default=5000, help="importance samples for log p(x)")
+    p.add_argument("--num-particles", type=_positive_int, default=4, help="particles per SVI step")
+    p.add_argument("--elbo-particles", type=_positive_int, default=100, help="particles per ELBO estimate")
+    p.add_argument("--lr", type=_positive_float, default=0.01, help="Adam learning rate (decays to lr/10)")
+    p.add_argument("--checkpoint", choices=["last", "best"], default="last",
+                   help="the last checkpoint, or best.pt (the best validation ELBO)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo draws")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="where to compute")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR)")
+    p.set_defaults(func=_cmd_gaps)
+
+
+def _gap_families(text: str) -> list[str]:
+    names = [f.strip() for f in text.split(",") if f.strip()]
+    unknown = [f for f in names if f not in POSTERIORS and f != "flow"]
+    if not names or unknown:
+        raise UsageError(f"--families: unknown family {', '.join(unknown) or repr(text)}; choose among flow, "
+                         f"{', '.join(sorted(POSTERIORS))}")
+    if len({"flow" if f == "iaf" else f for f in names}) != len(names):
+        raise UsageError(f"--families lists a family twice: {text}")
+    return names
+
+
+def _cmd_gaps(args):
+    families = _gap_families(args.families)
+    run = load_run(args.run_dir, best=args.checkpoint == "best")
+    device = resolve_device(args.device)
+    vae, data = run.vae.to(device).eval(), run.load_data()
+    x = prepare_eval_data(vae, data.x_test.to(device), run.config.binarize)[: args.test_points]
+    c = data.y_test.to(device)[: x.shape[0]] if run.config.conditional else None
+    torch.manual_seed(args.seed)
+    report = inference_gaps(vae, x, c, families, steps=args.steps, num_samples=args.num_samples,
+                            num_particles=args.num_particles, elbo_particles=args.elbo_particles, lr=args.lr,
+                            progress=True)
+    report.update(run=str(args.run_dir), checkpoint=run.checkpoint, epoch=run.epoch)
+    out = Path(args.out or args.run_dir)
+    try:
+        paths = write_gaps(report, out)
+    except OSError as e:
+        raise UsageError(f"could not write the gap report into {out} ({e.strerror or e}): choose another --out") \
+            from None
+    print(gaps_markdown(report))
+    for path in paths:
+        print(path)
+
+
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pyro-vae", description="Variational autoencoders the Pyro way.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train, _add_evaluate, _add_sample, _add_plot, _add_gradient_variance):
+    for add in (_add_train, _add_evaluate, _add_sample, _add_plot, _add_gradient_variance, _add_gaps):
         add(sub)
     return parser
 

@@ -442,18 +442,23 @@ class IAFNormal(PosteriorFamily):
     @torch.no_grad()
     def init_local(self, loc, scale):
         """Zeroes the output layer of every step's MADE, so each step is the fixed scaling z -> c_t z
-        (c_t = sigmoid(2) with ``stable``, 1 otherwise) whatever its input and context, and returns the base
-        N(loc / c, diag (scale / c)^2), c = prod_t c_t, with context 0: the flow's output is then exactly
-        N(loc, diag scale^2). The MADE's hidden layers keep their weights, so the output layer gets gradients."""
+        (c_t = sigmoid(2) with ``stable``, 1 otherwise) whatever its input and context, and the flow the linear
+        map z_T = c P z_0 (c = prod_t c_t, P the reversals between steps); returns the base N(P^-1 loc / c,
+        diag (P^-1 scale / c)^2) with context 0, so that the flow's output is exactly N(loc, diag scale^2). The
+        MADE's hidden layers keep their weights, so the output layer gets gradients."""
         for step in self.steps:
             last = step.nn.layers[-1]
             last.weight.zero_()
             last.bias.zero_()
             if step.nn.skip_layer is not None:
                 step.nn.skip_layer.weight.zero_()
-        context = loc.new_zeros(1, self.context_dim)
-        c = self.mean(torch.cat([loc.new_ones(1, self.z_dim), loc.new_zeros(1, self.z_dim), context], dim=-1))[0]
-        return torch.cat([loc / c, self.raw_scale(scale / c), loc.new_zeros(*loc.shape[:-1], self.context_dim)], -1)
+        probe = torch.arange(1, self.z_dim + 1, dtype=loc.dtype, device=loc.device)[None]  # coordinate i -> i + 1
+        pushed = self.mean(torch.cat([probe, torch.zeros_like(probe), loc.new_zeros(1, self.context_dim)], -1))[0]
+        c = pushed.sum() / probe.sum()
+        where = (pushed / c).round().long() - 1  # output coordinate i is c times base coordinate where[i]
+        base_loc, base_scale = torch.empty_like(loc), torch.empty_like(scale)
+        base_loc[..., where], base_scale[..., where] = loc / c, scale / c
+        return torch.cat([base_loc, self.raw_scale(base_scale), loc.new_zeros(*loc.shape[:-1], self.context_dim)], -1)
 
 
 POSTERIORS = {
@@ -551,18 +556,23 @@ class LocalPosterior(nn.Module):
         with pyro.plate("data", n):
             return pyro.sample("z", self.posterior())
 
-    def fit(self, model, *args, steps: int = 100, num_particles: int = 1, lr: float = 0.01, optim=None, loss=None,
-            **kwargs) -> "LocalPosterior":
+    def fit(self, model, *args, steps: int = 100, num_particles: int = 1, lr: float = 0.01,
+            weight_lr: float | None = None, optim=None, loss=None, **kwargs) -> "LocalPosterior":
         r"""``steps`` steps of ``pyro.infer.SVI(model, self.guide, optim, loss)`` on ``model(*args, **kwargs)``:
         maximizes sum_n ELBO(x_n; lambda_n) over this guide's parameters only (the model's ``pyro.param`` /
         ``pyro.module`` sites are hidden from the optimizer), in a fresh param store (the global one is left as
         it was). Defaults: ``loss`` = ``Trace_ELBO`` with ``num_particles`` vectorized particles, ``optim`` =
-        ``ClippedAdam`` with ``lr`` decaying geometrically to lr/10 over the steps. Appends to ``trace``.
+        ``ClippedAdam`` with learning rate ``lr`` for the per-point parameters and ``weight_lr`` (default lr/5)
+        for the family's own weights (shared by all points), both decaying geometrically to a tenth over the
+        steps. Appends to ``trace``.
         """
         steps = int(steps)
         if steps < 0:
             raise ValueError(f"steps must be a non-negative integer, got {steps}")
-        optim = optim or pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.1 ** (1.0 / max(steps, 1))})
+        if optim is None:
+            decay, own = 0.1 ** (1.0 / max(steps, 1)), f"{self.name}.params"
+            weight_lr = lr / 5 if weight_lr is None else weight_lr
+            optim = pyro.optim.ClippedAdam(lambda name: {"lr": lr if name == own else weight_lr, "lrd": decay})
         loss = loss or pyro.infer.Trace_ELBO(num_particles=int(num_particles), vectorize_particles=True)
         model = poutine.block(model, hide_types=["param"])
         with pyro.get_param_store().scope():

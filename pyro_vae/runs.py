@@ -28,7 +28,7 @@ import torch
 
 import pyro
 
-from . import evaluation
+from . import analysis, evaluation
 from .conditional import ConditionalVAE
 from .config import RunConfig
 from .data import DataError, load_dataset, needs_binarization, new_file_mode, prepare_eval_data
@@ -435,7 +435,7 @@ def load_run(run_dir, map_location="cpu", best: bool = False) -> Run:
 
 def evaluate_run(run: Run, *, num_samples: int = 5000, batch_size: int = 256, elbo_particles: int = 10,
                  max_points: int | None = None, device="cpu", progress: bool = False, write: bool = True,
-                 compile: bool = False) -> dict:
+                 compile: bool = False, refine_steps: int = 0) -> dict:
     """Test-set metrics of a run as papers report them, written to ``RUN_DIR/eval.json``.
 
     ``test_elbo``: the ELBO per test point in nats (``elbo_particles`` reparameterized samples averaged per
@@ -444,7 +444,10 @@ def evaluate_run(run: Run, *, num_samples: int = 5000, batch_size: int = 256, el
     with K samples per point (positive nats per data point) and ``test_nll_stderr``, its standard error over
     the test points; ``seconds`` is the evaluation's wall time. The whole test set is used unless
     ``max_points`` takes only the first points (the test order is fixed). ``compile`` computes the
-    log-likelihood's log weights under :func:`torch.compile`.
+    log-likelihood's log weights under :func:`torch.compile`. ``refine_steps=N > 0`` adds test-time refinement
+    (:func:`pyro_vae.analysis.refined_evaluation`): ``refined_elbo`` and ``refined_nll`` with the posterior
+    refined by N SVI steps per point as the proposal, and the importance sampler's mean Monte Carlo standard
+    error and effective sample size with either proposal (``refined_is_stderr``, ``amortized_is_stderr``, ...).
     """
     device = resolve_device(device) if isinstance(device, str) else device
     data = run.load_data()
@@ -465,6 +468,9 @@ def evaluate_run(run: Run, *, num_samples: int = 5000, batch_size: int = 256, el
         result["test_nll"] = float(-ll.mean())
         result["test_nll_stderr"] = float(ll.std() / len(ll) ** 0.5)
         result["num_samples"] = int(num_samples)
+    if refine_steps:
+        result.update(analysis.refined_evaluation(vae, *args, steps=refine_steps, num_samples=num_samples,
+                                                  elbo_particles=elbo_particles, batch_size=batch_size))
     result["seconds"] = time.perf_counter() - start
     if write:
         write_eval(run, result)

@@ -237,7 +237,7 @@ class VAE(nn.Module):
         loc, scale = marginal_moments(self.posterior(params))
         return LocalPosterior(target, target.init_local(loc, scale), self.input_shape, name)
 
-    def refine(self, x, c=None, steps: int = 100, *, family=None, num_particles: int = 1, lr: float = 0.01,
+    def refine(self, x, c=None, steps: int = 100, *, family=None, num_particles: int = 4, lr: float = 0.01,
                optim=None, loss=None, mask=None) -> LocalPosterior:
         r"""Semi-amortized inference (Kim et al., 2018; Marino et al., 2018): start from the encoder's q(z|x_n)
         and improve each point's variational parameters lambda_n by ``steps`` steps of Pyro SVI on

@@ -40,6 +40,19 @@ def test_cvae_example_quick(tmp_path):
     assert all(nll > 0 for nll, se in result["quadrants"].values())
 
 
+def test_inference_gaps_example_quick(tmp_path):
+    report = _load(ROOT / "examples" / "inference_gaps.py").main(["--quick", "--out", str(tmp_path)])
+    assert set(report["families"]) == {"diagonal", "cholesky", "flow"}
+    assert (tmp_path / "diagonal" / "gaps.json").exists() and (tmp_path / "diagonal" / "gaps-convergence.png").exists()
+
+
+def test_gaps_mnist_benchmark_quick(tmp_path):
+    rows = _load(ROOT / "benchmarks" / "gaps_mnist.py").main(["--quick", "--quiet", "--out", str(tmp_path)])
+    assert [r["model"] for r in rows] == ["diagonal", "cholesky", "iaf"]
+    assert all(math.isfinite(r["families"]["cholesky"]["approximation_gap"]["mean"]) for r in rows)
+    assert (tmp_path / "gaps_mnist.md").exists() and (tmp_path / "gaps-summary.png").exists()
+
+
 def test_custom_objective_example_quick(tmp_path):
     """A new objective is one formula and a small class: it trains in fit and from the command line."""
     from pyro_vae.cli import main
