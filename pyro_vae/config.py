@@ -31,12 +31,12 @@ class RunConfig:
     guide: str = "diagonal"
     guide_kwargs: dict = field(default_factory=dict)
     scale_param: str = "softplus"  # encoder scales: softplus | exp
-    init_output_bias: str = "default"  # default | zero | data-mean
+    init_output_bias: str = "data-mean"  # data-mean | zero | default (PyTorch's init)
     conditional: bool = False  # condition on the class label (ConditionalVAE)
     prior: str = "standard"  # conditional prior p(z|c): standard | learned
     num_classes: int | None = None  # filled in from the dataset for conditional runs
     # objective (options left at None take the objective's default)
-    objective: str = "elbo"
+    objective: str = "analytic"
     num_particles: int | None = None
     estimator: str | None = None
     beta: float | None = None

@@ -126,6 +126,6 @@ def test_kl_warmup_anneals_beta_and_best_checkpoint_is_the_best_epoch(tmp_path):
 
 
 def test_kl_warmup_needs_an_objective_with_a_kl_weight(tmp_path, capsys):
-    assert main(["train", *FAST, "--kl-warmup", "3", "--out", str(tmp_path / "r")]) == 2
+    assert main(["train", *FAST, "--objective", "elbo", "--kl-warmup", "3", "--out", str(tmp_path / "r")]) == 2
     assert "--kl-warmup needs" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()

@@ -31,7 +31,7 @@ import pyro
 import pyro_vae
 import pyro_vae.runs as runs
 from pyro_vae import VAE, RunConfig, fit, load_dataset, load_run
-from pyro_vae.cli import _train_options, build_parser, main
+from pyro_vae.cli import build_parser, main
 from pyro_vae.data import DataError, default_data_dir
 from pyro_vae.evaluation import log_likelihood
 from pyro_vae.guides import POSTERIORS
@@ -460,7 +460,8 @@ def test_fit_on_values_outside_0_1_is_one_clear_error(binarize):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--estimator", "dreg"], "objective 'elbo' does not take estimator"),
+    (["--estimator", "dreg"], "objective 'analytic' does not take estimator"),
+    (["--objective", "elbo", "--estimator", "dreg"], "objective 'elbo' does not take estimator"),
     (["--objective", "analytic", "--alpha", "0.5"], "does not take alpha"),
     (["--guide", "lowrank", "--rank", "3", "--z-dim", "2"], "rank <= z_dim"),
     (["--rank", "2"], "guide 'diagonal' does not take rank"),
@@ -474,10 +475,10 @@ def test_options_that_would_do_nothing_are_refused(tmp_path, capsys, argv, messa
 
 def test_num_particles_with_elbo_is_a_k_sample_elbo(tmp_path, capsys):
     out = tmp_path / "run"
-    code, _, err = cli(["train", *TINY, "--num-particles", "3", "--out", out], capsys)
+    code, _, err = cli(["train", *TINY, "--objective", "elbo", "--num-particles", "3", "--out", out], capsys)
     assert code == 0, err
     config = load_run(out).config
-    objective = runs._objective(config)
+    objective = pyro_vae.make_objective(config.objective, **config.objective_options())
     assert config.num_particles == 3 and isinstance(objective, pyro.infer.Trace_ELBO)
     assert objective.num_particles == 3 and objective.vectorize_particles
 
@@ -681,18 +682,26 @@ FUZZ_VALUES = {
 NOT_FUZZED = {"--epochs", "--data-dir", "--download"}
 
 
-def _fuzz_values(flag, kwargs):
+def _fuzz_values(action):
+    flag = action.option_strings[0]
     if flag in FUZZ_VALUES:
         return st.sampled_from(FUZZ_VALUES[flag])
-    if kwargs.get("action") == "store_true":
+    if action.nargs == 0:  # a flag
         return st.just(None)
-    if kwargs.get("choices"):
-        return st.sampled_from(list(kwargs["choices"]) * 3 + ["bogus"])
+    if action.choices:
+        return st.sampled_from(list(action.choices) * 3 + ["bogus"])
     return st.sampled_from(["1", "2", "0.5", "0", "x"])
 
 
+def _train_actions():
+    """The options of ``pyro-vae train`` as its parser has them (every option, added now or later)."""
+    (commands,) = [a for a in build_parser()._actions if isinstance(a.choices, dict)]
+    return [a for a in commands.choices["train"]._actions
+            if a.option_strings and a.option_strings[0] not in {"-h", "--out", "--resume", "--no-progress"}]
+
+
 train_options = st.fixed_dictionaries({}, optional={
-    flag: _fuzz_values(flag, kwargs) for flag, _, kwargs in _train_options() if flag not in NOT_FUZZED})
+    a.option_strings[0]: _fuzz_values(a) for a in _train_actions() if a.option_strings[0] not in NOT_FUZZED})
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
