@@ -268,7 +268,7 @@ def gaps_markdown(report: dict) -> str:
              f"importance sampling, K = {report['num_samples']}, proposal: the refined {report['proposal']} "
              f"posterior (mean Monte Carlo s.e. {report['log_px']['is_stderr']:.3f}, "
              f"mean ESS {report['log_px']['ess']:.0f}).", "",
-             f"| | nats |", "|---|---|",
+             "| | nats |", "|---|---|",
              f"| log p(x) | {_pm(report['log_px'])} |",
              f"| L[q_phi] (amortized, {own} encoder) | {_pm(report['amortized_elbo'])} |",
              f"| inference gap log p(x) - L[q_phi] | {_pm(report['inference_gap'])} |", "",

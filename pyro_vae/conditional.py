@@ -117,6 +117,9 @@ class ConditionalVAE(VAE):
             return super().prior()
         return self.prior_family(self.prior_net(cond))
 
+    def standard_prior(self, cond=None) -> bool:
+        return self.prior_kind == "standard" or cond is None
+
     def prior_log_prob(self, z, cond=None):
         if self.prior_kind == "standard" or cond is None:
             return super().prior_log_prob(z, cond)

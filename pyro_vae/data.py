@@ -10,6 +10,7 @@ file is an error naming it.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import math
@@ -198,12 +199,18 @@ def _split(x, y, fraction: float, seed: int):
 
 
 # --------------------------------------------------------------------------- datasets
-def _digits(data_dir, val_fraction, seed, download):
+@functools.lru_cache(maxsize=1)
+def _digits_arrays():
+    """scikit-learn's 8x8 digits as (images in [0, 1], labels), read from disk once per process."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target, dtype=torch.long)
+    return x, torch.tensor(d.target, dtype=torch.long)
+
+
+def _digits(data_dir, val_fraction, seed, download):
+    x, y = _digits_arrays()
     # a fixed test split (20%), independent of the run's seed, so test numbers compare across runs
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
     n_test = x.shape[0] // 5

@@ -148,6 +148,11 @@ class PosteriorFamily(nn.Module):
         z = q.rsample((num_particles,))
         return z, q.log_prob(z)
 
+    def kl_to_standard_normal(self, params: torch.Tensor) -> torch.Tensor | None:
+        """KL(q || N(0, I)) per point in closed form, or None (then the KL registry is asked). Families override
+        it with the formula (no distribution objects) for speed; the analytic-KL objective calls it every step."""
+        return None
+
 
 # --------------------------------------------------------------------------------------------- factorized
 class _FactorizedLocScale(PosteriorFamily):
@@ -192,6 +197,12 @@ class DiagonalNormal(_FactorizedLocScale):
         eps = torch.empty((int(num_particles), *loc.shape), dtype=loc.dtype, device=loc.device).normal_()
         log_q = (-0.5 * eps.square() - scale.log()).sum(-1) - self.z_dim * _LOG_SQRT_2PI
         return loc + eps * scale, log_q
+
+    def kl_to_standard_normal(self, params):
+        """KL(N(mu, diag sigma^2) || N(0, I)) = 1/2 sum_i (mu_i^2 + sigma_i^2 - 1 - 2 log sigma_i)."""
+        loc, raw = self._check(params).split(self.z_dim, dim=-1)
+        scale = self.positive(raw)
+        return 0.5 * (loc.square() + scale.square() - 2 * scale.log()).sum(-1) - 0.5 * self.z_dim
 
 
 class DiagonalLaplace(_FactorizedLocScale):

@@ -191,16 +191,25 @@ class VAE(nn.Module):
         out = self._decode_params(z, cond)
         p = Particles(self.likelihood.log_prob(out, x, self.likelihood_mask(c, mask)), self.prior_log_prob(z, cond),
                       log_qz)
-        if stop_q or kl:
-            q = self.posterior(params)
         if stop_q:
+            q = self.posterior(params)
             p.log_qz_stop = detach_distribution(q).log_prob(z)
             p.gradient_scalers = [lambda w: _scale_gradient(z, w, q.event_dim)]
         if kl:
-            closed = closed_form_kl(q, self.prior(cond))
+            closed = self.prior_kl(params, cond)
             p.kl = p.log_qz - p.log_pz if closed is None else closed.expand_as(p.log_qz)
             p.kl_monte_carlo = ("z",) if closed is None else ()
         return p
+
+    def prior_kl(self, params, cond=None) -> torch.Tensor | None:
+        """KL(q(z|x) || p(z)) per point in closed form (None when no formula is known): the family's own
+        formula against N(0, I), else Pyro's KL registry."""
+        closed = self.posterior.kl_to_standard_normal(params) if self.standard_prior(cond) else None
+        return closed if closed is not None else closed_form_kl(self.posterior(params), self.prior(cond))
+
+    def standard_prior(self, cond=None) -> bool:
+        """Whether p(z|c) is N(0, I)."""
+        return True
 
     def _rsample(self, params, num_particles: int):
         try:

@@ -5,8 +5,19 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _keep_thread_count():
+    """Benchmarks set torch's thread count for their timings; give the rest of the test session its own back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def _load(path):
@@ -131,3 +142,36 @@ def test_gradient_variance_cli_on_a_run(tmp_path):
     rows = {r["estimator"]: r for r in json.loads((run / "gradient_variance_vae.json").read_text())}
     assert rows["reparam"]["total_variance"] < rows["score"]["total_variance"]
     assert (run / "gradient_variance_vae.png").exists()
+
+
+def test_reference_burda_quick(tmp_path):
+    """The plain-PyTorch reference trains and reports an NLL no better than its own ELBO allows (NLL <= -ELBO)."""
+    result = _load(ROOT / "benchmarks" / "reference_burda.py").main(["--quick", "--out", str(tmp_path / "r.json")])
+    assert result["num_test"] == 50 and len(result["per_point_nll"]) == 50
+    # the importance-sampled log p(x) is a tighter bound than the ELBO on average: NLL <= -ELBO up to noise
+    assert result["test_nll"] <= -result["test_elbo"] + 3 * result["test_elbo_stderr"]
+    assert json.loads((tmp_path / "r.json").read_text())["test_nll"] == result["test_nll"]
+
+
+def test_burda_pyro_vae_quick_agrees_with_the_reference_estimator(tmp_path):
+    """pyro-vae's log_likelihood and the hand-written estimator agree on the same weights, within their noise."""
+    r = _load(ROOT / "benchmarks" / "burda_pyro_vae.py").main(["--quick", "--out", str(tmp_path / "p.json")])
+    diff = [a - b for a, b in zip(r["per_point_nll"], r["per_point_nll_pyro_vae"])]
+    n = len(diff)
+    mean = sum(diff) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diff) / (n - 1) / n)
+    assert abs(mean) <= 4 * se + 1e-3  # two independent K=20 estimates of the same log p(x): paired difference ~ 0
+
+
+def test_burda_ablation_plans_commands_both_scripts_accept():
+    """Every planned run is a command line the reference or pyro-vae script parses (the plan cannot rot)."""
+    ablation = _load(ROOT / "benchmarks" / "burda_ablation.py")
+    parsers = {"reference": _load(ROOT / "benchmarks" / "reference_burda.py").parse_args,
+               "pyro-vae": _load(ROOT / "benchmarks" / "burda_pyro_vae.py").parse_args}
+    stages = ["screen", "confirm", "iwae", "seed", "iwae-confirm", "confirm-ref", "iwae-confirm-ref"]
+    for stage in stages:
+        for name, kind, opts in ablation.plan(stage):
+            argv = ablation.command(name, kind, opts, "/data")[2:]
+            args = parsers[kind](argv)
+            assert args.name == name and args.data_dir == "/data"
+    assert ablation.paired([1.0, 2.0, 4.0], [0.0, 1.0, 2.0]) == (4 / 3, math.sqrt(1 / 3) / math.sqrt(3))

@@ -511,7 +511,7 @@ def _help_entries(text: str) -> dict:
     return {k: " ".join(v.split()) for k, v in entries.items()}
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "sample", "plot", "gradient-variance"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "sample", "plot", "gradient-variance", "gaps"])
 def test_every_option_has_a_help_line_and_its_default(command):
     parser = _subparsers()[command]
     entries = _help_entries(parser.format_help())
