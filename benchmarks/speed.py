@@ -6,7 +6,9 @@ generator, a random permutation, minibatches), the same estimator and **the same
 Adam, which ``fit`` uses). The hand-written loop accumulates the loss on the device and reads it once per
 epoch, as ``fit`` does. They run interleaved in one process: ``fit`` trains ``--reps`` + 1 epochs and, after
 each of its epochs, a callback times one hand-written epoch (of a separate copy of the model); the first epoch
-of each is warm-up. Medians of the per-epoch wall times. Second references: the hand-written loop with torch's
+of each is warm-up. Medians of the per-epoch wall times. Both run with denormals flushed to zero (``fit`` turns
+that on while it trains, and the hand-written epochs run inside its callback; without it both slow down about
+2x over the first epochs on MNIST). Second references: the hand-written loop with torch's
 default (foreach) Adam, and ``fit(compile=True)`` (its first epoch, which compiles, excluded).
 
 **Evaluation row.** Points per second of the K = 5000 importance-sampled log-likelihood
@@ -19,6 +21,7 @@ step, pyro-vae eager and pyro-vae compiled, as a PNG.
     python benchmarks/speed.py                          # training table, 1, 2 and 4 threads
     python benchmarks/speed.py --eval --eval-points 10000   # + evaluation on the whole MNIST test set
     python benchmarks/speed.py --scaling                # + the scaling figure
+    python benchmarks/speed.py --rows none --threads 1 --eval --scaling   # only those two
     python benchmarks/speed.py --quick                  # a smoke run (what the tests execute)
 
 Runs unchanged on a GPU when one is present (``--device auto``) and prints the device.
@@ -58,7 +61,10 @@ def _encode(vae, x):
 def _log_w(vae, x, mu, sigma, eps):
     """log p(x|z) + log p(z) - log q(z|x) for z = mu + sigma * eps, eps of shape (..., N, Z)."""
     z = mu + sigma * eps
-    logits = vae.decoder.net(z)
+    if z.dim() == 2:
+        logits = vae.decoder.net(z)
+    else:  # K particles: one 2-D matmul over K * N rows, as pyro-vae's decoder does
+        logits = vae.decoder.net(z.reshape(-1, Z)).reshape(*z.shape[:-1], -1)
     log_px = -F.binary_cross_entropy_with_logits(logits, x.flatten(1).expand_as(logits), reduction="none").sum(-1)
     return log_px - 0.5 * (z ** 2).sum(-1) + (0.5 * eps ** 2 + sigma.log()).sum(-1)  # the log 2 pi terms cancel
 
@@ -139,6 +145,7 @@ def bench_row(name, objective, options, batch, x, reps, device, compile_row=True
         row = {"row": name, "batch": batch, "fit_s": statistics.median(m["seconds"] for m in history[1:]),
                **{f"{k}_s": statistics.median(v[1:]) for k, v in interleave.seconds.items()}}
         if compile_row:
+            torch._dynamo.reset()  # a fresh compile cache per row: rows never share (or exhaust) recompilations
             compiled = pyro_vae.fit(copy.deepcopy(vae), x, objective=objective, epochs=reps + 1, batch_size=batch,
                                     progress=False, device=device, compile=True, **options)
             row["compiled_s"] = statistics.median(m["seconds"] for m in compiled[1:])
@@ -223,6 +230,7 @@ def bench_scaling(batches, ks, steps, device):
 
         row = {"batch": batch, "k": k, "hand_ms": step_ms(hand_step, steps, device)}
         for name, compile in (("eager_ms", False), ("compiled_ms", True)):
+            torch._dynamo.reset()  # each shape compiled afresh (static shapes, no recompilation limit)
             module = ObjectiveModule(vae, pyro_vae.make_objective(objective, **options), compile=compile)
             state = TrainState(vae, module.objective, make_adam(list(vae.parameters()), 1e-3, device), module,
                                torch.Generator(device=device), device)
@@ -287,7 +295,7 @@ def main(argv=None):
     p.add_argument("--threads", default="1,2,4")
     p.add_argument("--points", type=int, default=12800, help="training points per epoch")
     p.add_argument("--reps", type=int, default=5, help="timed epochs per implementation")
-    p.add_argument("--rows", default=None, help="comma-separated row indices (default all)")
+    p.add_argument("--rows", default=None, help="comma-separated row indices (default all; 'none' for no training rows)")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--eval", action="store_true")
     p.add_argument("--eval-points", type=int, default=10000)
@@ -306,7 +314,7 @@ def main(argv=None):
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}"
           f" ({device}), torch {torch.__version__}, {os.cpu_count()} CPUs", flush=True)
     x = training_data(args.points, args.data_dir, device)
-    picked = [ROWS[int(i)] for i in args.rows.split(",")] if args.rows else ROWS
+    picked = ([] if args.rows == "none" else [ROWS[int(i)] for i in args.rows.split(",")]) if args.rows else ROWS
     rows, evals, scaling = [], [], []
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)

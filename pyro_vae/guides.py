@@ -153,6 +153,13 @@ class PosteriorFamily(nn.Module):
         it with the formula (no distribution objects) for speed; the analytic-KL objective calls it every step."""
         return None
 
+    def draw(self, params: torch.Tensor, num_particles: int, kl: bool = False):
+        """(z, log q(z), KL(q || N(0, I)) or None): :meth:`rsample_and_log_prob`, and with ``kl``
+        :meth:`kl_to_standard_normal` (shape (...) or (1, ...): it broadcasts against log q), in one call, so a
+        family can share the work of both (the twin's hot path)."""
+        z, log_q = self.rsample_and_log_prob(params, num_particles)
+        return z, log_q, self.kl_to_standard_normal(params) if kl else None
+
 
 # --------------------------------------------------------------------------------------------- factorized
 class _FactorizedLocScale(PosteriorFamily):
@@ -192,17 +199,28 @@ class DiagonalNormal(_FactorizedLocScale):
         return dist.Normal(loc, scale)
 
     def rsample_and_log_prob(self, params, num_particles):
-        loc, raw = self._check(params).split(self.z_dim, dim=-1)
-        scale = self.positive(raw)
-        eps = torch.empty((int(num_particles), *loc.shape), dtype=loc.dtype, device=loc.device).normal_()
-        log_q = (-0.5 * eps.square() - scale.log()).sum(-1) - self.z_dim * _LOG_SQRT_2PI
-        return loc + eps * scale, log_q
+        return self.draw(params, num_particles)[:2]
 
     def kl_to_standard_normal(self, params):
-        """KL(N(mu, diag sigma^2) || N(0, I)) = 1/2 sum_i (mu_i^2 + sigma_i^2 - 1 - 2 log sigma_i)."""
         loc, raw = self._check(params).split(self.z_dim, dim=-1)
         scale = self.positive(raw)
-        return 0.5 * (loc.square() + scale.square() - 2 * scale.log()).sum(-1) - 0.5 * self.z_dim
+        return self._kl(loc, scale, scale.log())
+
+    def draw(self, params, num_particles, kl=False):
+        """z = mu + sigma * eps and log q(z|x) = -sum_i [eps_i^2 / 2 + log sigma_i] - d/2 log(2 pi), with the
+        closed-form KL sharing mu, sigma and log sigma."""
+        # a leading particle dim of size 1 on the parameters: no broadcast (and no reduction over it in the backward)
+        loc, raw = self._check(params).unsqueeze(0).split(self.z_dim, dim=-1)
+        scale = self.positive(raw)
+        log_scale = scale.log()
+        eps = torch.empty((int(num_particles), *loc.shape[1:]), dtype=loc.dtype, device=loc.device).normal_()
+        const = eps.square().mul_(-0.5).sub_(_LOG_SQRT_2PI)  # no gradient flows through the noise
+        log_q = (const - log_scale).sum(-1)
+        return loc + eps * scale, log_q, self._kl(loc, scale, log_scale) if kl else None
+
+    def _kl(self, loc, scale, log_scale):
+        """KL(N(mu, diag sigma^2) || N(0, I)) = 1/2 sum_i (mu_i^2 + sigma_i^2 - 1 - 2 log sigma_i)."""
+        return 0.5 * (loc.square() + scale.square() - 2 * log_scale).sum(-1) - 0.5 * self.z_dim
 
 
 class DiagonalLaplace(_FactorizedLocScale):

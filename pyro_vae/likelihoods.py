@@ -143,9 +143,9 @@ class Bernoulli(Likelihood):
             return super().log_prob(out, x, mask)
         if torch.distributions.Distribution._validate_args:
             _check_binary(x)
-        logits = self.split(out)[0].flatten(-self.event_dim)
-        target = x.flatten(-self.event_dim).expand_as(logits)
-        return -F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
+        dims = tuple(range(-(self.event_dim + 1), 0))  # the parameter dim (size 1) and the pixels
+        target = x.unsqueeze(dims[0]).expand_as(out)  # views of the data: nothing in the backward
+        return -F.binary_cross_entropy_with_logits(out, target, reduction="none").sum(dims)
 
     def mean(self, out):
         return torch.sigmoid(self.split(out)[0])

@@ -112,12 +112,16 @@ class VAE(nn.Module):
 
     def _encode_params(self, x: torch.Tensor, cond=None) -> torch.Tensor:
         """Encoder features for x of shape (..., *input_shape) -> (..., posterior.num_params)."""
+        if x.dim() == len(self.input_shape) + 1:  # a plain batch: no reshapes (each is a node in the backward)
+            return self.encoder(x)
         lead = x.shape[: x.dim() - len(self.input_shape)]
         out = self.encoder(x.reshape(-1, *self.input_shape))
         return out.reshape(*lead, self.posterior.num_params)
 
     def _decode_params(self, z: torch.Tensor, cond=None) -> torch.Tensor:
         """Decoder output for z of shape (..., z_dim) -> (..., likelihood.num_params, *input_shape)."""
+        if z.dim() == 2:  # a plain batch: no reshapes
+            return self.decoder(z)
         lead = z.shape[:-1]
         out = self.decoder(z.reshape(-1, self.z_dim))
         return out.reshape(*lead, self.likelihood.num_params, *self.input_shape)
@@ -187,7 +191,8 @@ class VAE(nn.Module):
         """
         x, cond = self._data(x), self.condition(c)
         params = self._encode_params(x, cond)
-        z, log_qz = self._rsample(params, int(num_particles))  # the draws of Pyro's particle plate
+        # the draws of Pyro's particle plate, and the family's own closed-form KL against N(0, I) if asked
+        z, log_qz, closed = self._draw(params, int(num_particles), kl and self.standard_prior(cond))
         out = self._decode_params(z, cond)
         p = Particles(self.likelihood.log_prob(out, x, self.likelihood_mask(c, mask)), self.prior_log_prob(z, cond),
                       log_qz)
@@ -196,24 +201,18 @@ class VAE(nn.Module):
             p.log_qz_stop = detach_distribution(q).log_prob(z)
             p.gradient_scalers = [lambda w: _scale_gradient(z, w, q.event_dim)]
         if kl:
-            closed = self.prior_kl(params, cond)
+            closed = closed if closed is not None else closed_form_kl(self.posterior(params), self.prior(cond))
             p.kl = p.log_qz - p.log_pz if closed is None else closed.expand_as(p.log_qz)
             p.kl_monte_carlo = ("z",) if closed is None else ()
         return p
-
-    def prior_kl(self, params, cond=None) -> torch.Tensor | None:
-        """KL(q(z|x) || p(z)) per point in closed form (None when no formula is known): the family's own
-        formula against N(0, I), else Pyro's KL registry."""
-        closed = self.posterior.kl_to_standard_normal(params) if self.standard_prior(cond) else None
-        return closed if closed is not None else closed_form_kl(self.posterior(params), self.prior(cond))
 
     def standard_prior(self, cond=None) -> bool:
         """Whether p(z|c) is N(0, I)."""
         return True
 
-    def _rsample(self, params, num_particles: int):
+    def _draw(self, params, num_particles: int, kl: bool):
         try:
-            return self.posterior.rsample_and_log_prob(params, num_particles)
+            return self.posterior.draw(params, num_particles, kl)
         except NotImplementedError:  # no rsample
             raise NotReparameterizedError(f"the {type(self.posterior).__name__} posterior has no rsample") from None
 

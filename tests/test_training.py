@@ -223,3 +223,23 @@ def test_lr_final_belongs_to_the_decaying_schedules(digits):
             fit(tiny_vae(digits), digits.x_train[:64], lr_schedule=schedule, lr_final=1e-5, **TINY)
     with pytest.raises(ValueError, match="lr_final must be in"):
         fit(tiny_vae(digits), digits.x_train[:64], lr_schedule="exponential", lr_final=0.1, **TINY)
+
+
+def _denormal_product() -> float:
+    """1e-20 * 1e-20 in float32: 1e-40, a denormal, or 0 while denormals are flushed."""
+    return float(torch.tensor(1e-20) * torch.tensor(1e-20))
+
+
+def test_fit_flushes_denormals_while_training_and_restores_the_default(digits):
+    seen = []
+
+    class Probe(Callback):
+        def on_step_end(self, state):
+            seen.append(_denormal_product())
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals (no SSE3)")
+    assert _denormal_product() > 0
+    fit(tiny_vae(digits), digits.x_train[:128], callbacks=[Probe()], **TINY)
+    assert seen and all(v == 0.0 for v in seen)
+    assert _denormal_product() > 0  # back to torch's default after training

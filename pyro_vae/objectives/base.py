@@ -9,6 +9,7 @@ implements :meth:`bound`.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -16,7 +17,7 @@ import torch
 from pyro.infer import ELBO
 from pyro.util import warn_if_nan
 
-from ..particles import Particles, draw_particles, guess_plate_nesting, run_traces
+from ..particles import Particles, draw_particles, guess_plate_nesting, particle_twin, run_traces
 
 __all__ = ["ParticleObjective"]
 
@@ -80,14 +81,30 @@ class ParticleObjective(ELBO):
 
     def _bound_and_surrogate(self, model, guide, args, kwargs, for_gradients: bool):
         """(bound, surrogate) of one vectorized draw, or the average over K single-particle draws."""
-        results = []
-        for particles in self._draws(model, guide, args, kwargs, for_gradients):
-            if self.needs_kl:
-                self._warn_monte_carlo_kl(particles)
-            results.append(self.bound(particles))
+        results = [self._checked_bound(particles)
+                   for particles in self._draws(model, guide, args, kwargs, for_gradients)]
         if len(results) == 1:
             return results[0]
         return tuple(sum(values) / len(values) for values in zip(*results))
+
+    def _checked_bound(self, particles: Particles):
+        if particles.kl_monte_carlo:
+            self._warn_monte_carlo_kl(particles)
+        return self.bound(particles)
+
+    def bind(self, model, guide):
+        """``loss(*args, **kwargs)``, equal to ``surrogate_loss(model, guide, *args, **kwargs)``, with the
+        particle producer chosen once: the model's trace-free twin, called directly (what a trainer steps)."""
+        twin = particle_twin(model, guide)
+        if twin is None or not self.vectorize_particles:
+            return functools.partial(self.surrogate_loss, model, guide)
+
+        def loss(*args, **kwargs):
+            particles = twin(*args, num_particles=self.num_particles, stop_q=self.needs_stop_q(True),
+                             kl=self.needs_kl, **kwargs)
+            return -self._checked_bound(particles)[1]
+
+        return loss
 
     # ------------------------------------------------------------------------------------------ pyro.infer.ELBO
     def _get_trace(self, model, guide, args, kwargs):

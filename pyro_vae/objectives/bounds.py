@@ -44,7 +44,7 @@ def elbo(p: Particles, beta: float = 1.0, analytic_kl: bool = False):
         per_particle = p.log_px_given_z - _times(beta, p.kl)
     else:
         per_particle = p.log_weights if beta == 1 else p.log_px_given_z - beta * (p.log_qz - p.log_pz)
-    value = _times(p.scale, per_particle.mean(0).sum())
+    value = _times(p.scale / per_particle.shape[0], per_particle.sum())  # the mean over the K particles
     return value, value
 
 
