@@ -697,3 +697,30 @@ def test_make_objective_errors_name_the_problem():
         make_objective("iwae", beta=0.5)
     with pytest.raises(ValueError, match="num_particles"):
         make_objective("analytic", num_particles=0)
+
+
+@pytest.mark.parametrize("objective", [
+    pyro.infer.Trace_ELBO(),  # converted: vectorize_particles=False with one particle
+    IWAEELBO(num_particles=3, estimator="dreg"),
+    AnalyticKLELBO(num_particles=3, vectorize_particles=False),  # K single draws: through surrogate_loss
+])
+def test_bind_gives_the_surrogate_loss_value_and_gradient(objective):
+    """``objective.bind(model, guide)`` (the producer chosen once, as the trainer steps) equals surrogate_loss."""
+    from pyro_vae import VAE
+    from pyro_vae.objectives import as_particle_objective
+
+    objective = as_particle_objective(objective) or objective
+    torch.manual_seed(0)
+    vae = VAE((1, 4, 4), z_dim=2, hidden=(8,))
+    x = torch.bernoulli(torch.full((5, 1, 4, 4), 0.3))
+    results = []
+    for loss_fn in (objective.bind(vae.model, vae.guide),
+                    lambda *a: objective.surrogate_loss(vae.model, vae.guide, *a)):
+        vae.zero_grad()
+        pyro.set_rng_seed(1)
+        loss = loss_fn(x)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in vae.parameters()]))
+    (a, ga), (b, gb) = results
+    assert torch.allclose(a, b)
+    assert all(torch.allclose(u, v, atol=1e-6) for u, v in zip(ga, gb))

@@ -96,7 +96,7 @@ class ParticleObjective(ELBO):
         """``loss(*args, **kwargs)``, equal to ``surrogate_loss(model, guide, *args, **kwargs)``, with the
         particle producer chosen once: the model's trace-free twin, called directly (what a trainer steps)."""
         twin = particle_twin(model, guide)
-        if twin is None or not self.vectorize_particles:
+        if twin is None or (self.num_particles > 1 and not self.vectorize_particles):  # (one particle: the same)
             return functools.partial(self.surrogate_loss, model, guide)
 
         def loss(*args, **kwargs):
