@@ -37,6 +37,7 @@ import pyro  # noqa: E402
 import torch  # noqa: E402
 
 from . import evaluation  # noqa: E402
+from .data import atomic_write_bytes  # noqa: E402
 from .guides import POSTERIORS  # noqa: E402
 from .particles import draw_particles, guess_plate_nesting  # noqa: E402
 
@@ -122,13 +123,17 @@ def importance_sampling(model, guide, args: tuple, num_samples: int = 5000, chun
             nesting.append(guess_plate_nesting(model, guide, args, {}))
         return nesting[0]
 
-    lse1 = lse2 = p = None
-    for start in range(0, num_samples, chunk):
-        p = draw_particles(model, guide, args, {}, num_particles=min(chunk, num_samples - start),
-                           plate_nesting=plate_nesting)
-        lw = p.log_weights
-        a, b = torch.logsumexp(lw, 0), torch.logsumexp(2 * lw, 0)
-        lse1, lse2 = (a, b) if lse1 is None else (torch.logaddexp(lse1, a), torch.logaddexp(lse2, b))
+    draws = []
+
+    def chunks():  # log w and 2 log w of each chunk of particles, for logsumexp_k w_k and logsumexp_k w_k^2
+        for start in range(0, num_samples, chunk):
+            draws[:] = [draw_particles(model, guide, args, {}, num_particles=min(chunk, num_samples - start),
+                                       plate_nesting=plate_nesting)]  # one chunk alive at a time
+            lw = draws[-1].log_weights
+            yield torch.stack([lw, 2 * lw], 1)
+
+    lse1, lse2 = evaluation.streaming_logsumexp(chunks()).unbind(0)
+    p = draws[-1]
     rel_var = (torch.exp(lse2 - 2 * lse1) - 1.0 / num_samples).clamp_min(0.0)
     n = p.per_point(lse1).shape[0]
     return {"log_px": p.per_point(lse1 - math.log(num_samples)), "stderr": p.per_point(rel_var).sqrt(),
@@ -366,8 +371,8 @@ def write_gaps(report: dict, out_dir) -> list[Path]:
     gaps-convergence.png into ``out_dir`` (created if needed); returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gaps.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "gaps.md").write_text(gaps_markdown(report))
+    atomic_write_bytes(out / "gaps.json", (json.dumps(report, indent=1) + "\n").encode())
+    atomic_write_bytes(out / "gaps.md", gaps_markdown(report).encode())
     paths = [out / "gaps.json", out / "gaps.md"]
     paths += [plot_gap_bars(report, name, out / f"gaps-{name}.png") for name in report["families"]]
     paths.append(plot_gap_summary({f"{report['encoder_family']} encoder": report}, out / "gaps-summary.png"))

@@ -73,6 +73,34 @@ def new_file_mode() -> int:
     return 0o666 & ~umask
 
 
+def atomic_write(path: Path, write) -> None:
+    """Write ``path`` through ``write(file)`` into a temporary file in the same folder, fsync, then rename: a
+    reader sees the old file or the new one, never half of one; the file gets the user's umask."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, new_file_mode())  # mkstemp makes 0o600; a run's files get the user's umask like open()'s
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
+    atomic_write(Path(path), lambda f: f.write(data))
+
+
 # --------------------------------------------------------------------------- validation
 def as_batch(x, input_shape) -> torch.Tensor:
     """Return ``x`` as a floating tensor of shape (N, *input_shape); flat (N, prod(input_shape)) is reshaped.
@@ -262,17 +290,9 @@ def _idx_problem(path: Path) -> str | None:
 
 
 def _atomic_extract(write, target: Path) -> None:
-    """Write ``target`` through a temporary file in its folder and a rename: never a half-written file."""
+    """Write ``target`` (its folder created) atomically: never a half-written file."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, new_file_mode())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(target, write)
 
 
 def _prepare_mnist_root(root: Path, cls, download: bool) -> tuple[Path, bool]:

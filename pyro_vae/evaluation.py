@@ -228,11 +228,11 @@ def log_likelihood(model: Callable, guide: Callable, data, num_samples: int = 50
 
 def _batch_log_likelihood(draw, args: tuple, num_samples: int, chunk: int) -> torch.Tensor:
     """logsumexp_k log w_k - log K per data point of one batch, K particles drawn ``chunk`` at a time."""
-    draws = []
+    draws = []  # the last chunk's particles only (their cell layout): one chunk alive at a time
 
     def chunks():
         for start in range(0, num_samples, chunk):
-            draws.append(draw(args, min(chunk, num_samples - start)))
+            draws[:] = [draw(args, min(chunk, num_samples - start))]
             yield draws[-1].log_weights
 
     log_sum = streaming_logsumexp(chunks())

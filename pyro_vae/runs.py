@@ -17,7 +17,6 @@ import os
 import pickletools
 import re
 import shutil
-import tempfile
 import time
 import warnings
 import zipfile
@@ -31,7 +30,7 @@ import pyro
 from . import analysis, evaluation
 from .conditional import ConditionalVAE
 from .config import RunConfig
-from .data import DataError, load_dataset, needs_binarization, new_file_mode, prepare_eval_data
+from .data import DataError, atomic_write, atomic_write_bytes, load_dataset, needs_binarization, prepare_eval_data
 from .distributed import setup, teardown
 from .training import Callback, DivergenceError, fit, resolve_device, resolve_objective
 from .vae import VAE
@@ -48,35 +47,9 @@ EVAL = "eval.json"
 
 
 # ---------------------------------------------------------------------------------------------- files
-def _atomic_write(path: Path, write) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, new_file_mode())  # mkstemp makes 0o600; a run's files get the user's umask like open()'s
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
-    _atomic_write(Path(path), lambda f: f.write(data))
-
-
 def save_checkpoint(path, state: dict) -> None:
     """Atomically save a dict of tensors / plain values with ``torch.save``."""
-    _atomic_write(Path(path), lambda f: torch.save(state, f))
+    atomic_write(Path(path), lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:

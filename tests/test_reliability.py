@@ -79,9 +79,10 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, un
 
 KILL_IN_WRITE = textwrap.dedent("""
     import os, signal, sys
+    import pyro_vae.data as data
     import pyro_vae.runs as runs
     calls = [0]
-    original = runs._atomic_write
+    original = data.atomic_write
     def dying_write(path, write):
         calls[0] += 1
         if calls[0] == int(sys.argv[1]):          # die half-way through this write
@@ -91,7 +92,7 @@ KILL_IN_WRITE = textwrap.dedent("""
                 f.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
         return original(path, write)
-    runs._atomic_write = dying_write
+    data.atomic_write = runs.atomic_write = dying_write  # every atomic write of a run goes through it
     from pyro_vae.cli import main
     sys.exit(main(sys.argv[2:]))
 """)
