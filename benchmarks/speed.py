@@ -6,10 +6,12 @@ generator, a random permutation, minibatches), the same estimator and **the same
 Adam, which ``fit`` uses). The hand-written loop accumulates the loss on the device and reads it once per
 epoch, as ``fit`` does. They run interleaved in one process: ``fit`` trains ``--reps`` + 1 epochs and, after
 each of its epochs, a callback times one hand-written epoch (of a separate copy of the model); the first epoch
-of each is warm-up. Medians of the per-epoch wall times. Both run with denormals flushed to zero (``fit`` turns
+of each is warm-up. Times are medians of the per-epoch wall times; ratios are medians of the per-epoch ratios
+of the two epochs timed back to back (paired). Both run with denormals flushed to zero (``fit`` turns
 that on while it trains, and the hand-written epochs run inside its callback; without it both slow down about
 2x over the first epochs on MNIST). Second references: the hand-written loop with torch's
-default (foreach) Adam, and ``fit(compile=True)`` (its first epoch, which compiles, excluded).
+default (foreach) Adam, and ``fit(compile=True)`` (its first epoch, which compiles, excluded), which is
+interleaved with the hand-written loop in the same way.
 
 **Evaluation row.** Points per second of the K = 5000 importance-sampled log-likelihood
 (:func:`pyro_vae.evaluation.log_likelihood`) against a hand-written batched estimator (chunks, streamed
@@ -142,18 +144,26 @@ def bench_row(name, objective, options, batch, x, reps, device, compile_row=True
     with pyro.validation_enabled(False):
         history = pyro_vae.fit(vae, x, objective=objective, epochs=reps + 1, batch_size=batch, progress=False,
                                device=device, callbacks=[interleave], **options)
-        row = {"row": name, "batch": batch, "fit_s": statistics.median(m["seconds"] for m in history[1:]),
-               **{f"{k}_s": statistics.median(v[1:]) for k, v in interleave.seconds.items()}}
+        fit_s, hand_s = [m["seconds"] for m in history[1:]], interleave.seconds["hand"][1:]
+        row = {"row": name, "batch": batch, "fit_s": statistics.median(fit_s),
+               **{f"{k}_s": statistics.median(v[1:]) for k, v in interleave.seconds.items()},
+               "fit_over_hand": paired_ratio(fit_s, hand_s)}
         if compile_row:
             torch._dynamo.reset()  # a fresh compile cache per row: rows never share (or exhaust) recompilations
+            beside = Interleave({"hand": loops["hand"]}, x, batch)  # the same hand-written loop, interleaved again
             compiled = pyro_vae.fit(copy.deepcopy(vae), x, objective=objective, epochs=reps + 1, batch_size=batch,
-                                    progress=False, device=device, compile=True, **options)
-            row["compiled_s"] = statistics.median(m["seconds"] for m in compiled[1:])
+                                    progress=False, device=device, compile=True, callbacks=[beside], **options)
+            compiled_s = [m["seconds"] for m in compiled[1:]]
+            row["compiled_s"] = statistics.median(compiled_s)
             row["compile_seconds"] = compiled[0].get("compile_seconds", 0.0)
-    row["fit_over_hand"] = row["fit_s"] / row["hand_s"]
-    if "compiled_s" in row:
-        row["hand_over_compiled"] = row["hand_s"] / row["compiled_s"]
+            row["hand_over_compiled"] = paired_ratio(beside.seconds["hand"][1:], compiled_s)
     return row
+
+
+def paired_ratio(numerators, denominators) -> float:
+    """The median over epochs of numerator / denominator, each pair timed back to back (robust to the machine's
+    slow drifts, which a ratio of two medians is not)."""
+    return statistics.median(a / b for a, b in zip(numerators, denominators))
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -267,6 +277,17 @@ def plot_scaling(rows, path):
 
 
 # ---------------------------------------------------------------------------------------------- main
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
 def training_data(n, data_dir, device):
     """The first n MNIST training digits (grayscale in [0, 1]) when the files are there, else random images."""
     try:
@@ -277,8 +298,8 @@ def training_data(n, data_dir, device):
 
 
 def markdown(rows, evals):
-    out = ["| row | batch | threads | hand-written (fused Adam) s | fit s | fit / hand | hand, foreach Adam s | "
-           "fit --compile s | hand / compiled |", "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| row | batch | threads | hand-written (fused Adam) s | fit s | fit / hand (paired) | "
+           "hand, foreach Adam s | fit --compile s | hand / compiled (paired) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['row']} | {r['batch']} | {r['threads']} | {r['hand_s']:.3f} | {r['fit_s']:.3f} | "
                    f"{r['fit_over_hand']:.3f}x | {r['hand_foreach_s']:.3f} | {r.get('compiled_s', float('nan')):.3f} | "
@@ -311,7 +332,7 @@ def main(argv=None):
             "1", 256, 1, True, 4, 100
         args.rows = args.rows or "0"
     device = resolve_device(args.device)
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}"
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()}"
           f" ({device}), torch {torch.__version__}, {os.cpu_count()} CPUs", flush=True)
     x = training_data(args.points, args.data_dir, device)
     picked = ([] if args.rows == "none" else [ROWS[int(i)] for i in args.rows.split(",")]) if args.rows else ROWS
@@ -328,7 +349,7 @@ def main(argv=None):
     if args.scaling:
         scaling = bench_scaling([20, 64, 128, 256, 512, 1024], [1, 5, 10, 20, 50], 30, device)
         plot_scaling(scaling, Path(args.out).with_suffix(".png"))
-    meta = {"date": time.strftime("%Y-%m-%d"), "device": str(device), "machine": platform.machine(),
+    meta = {"date": time.strftime("%Y-%m-%d"), "device": str(device), "machine": platform.machine(), "cpu": cpu_name(),
             "cpus": os.cpu_count(), "torch": torch.__version__, "pyro": pyro.__version__, "args": vars(args)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "eval": evals, "scaling": scaling}, indent=2))

@@ -153,10 +153,11 @@ class PosteriorFamily(nn.Module):
         it with the formula (no distribution objects) for speed; the analytic-KL objective calls it every step."""
         return None
 
-    def draw(self, params: torch.Tensor, num_particles: int, kl: bool = False):
+    def draw(self, params: torch.Tensor, num_particles: int, kl: bool = False, log_q: bool = True):
         """(z, log q(z), KL(q || N(0, I)) or None): :meth:`rsample_and_log_prob`, and with ``kl``
         :meth:`kl_to_standard_normal` (shape (...) or (1, ...): it broadcasts against log q), in one call, so a
-        family can share the work of both (the twin's hot path)."""
+        family can share the work of both (the twin's hot path). ``log_q=False``: the caller does not read
+        log q, and a family may return None for it."""
         z, log_q = self.rsample_and_log_prob(params, num_particles)
         return z, log_q, self.kl_to_standard_normal(params) if kl else None
 
@@ -206,17 +207,19 @@ class DiagonalNormal(_FactorizedLocScale):
         scale = self.positive(raw)
         return self._kl(loc, scale, scale.log())
 
-    def draw(self, params, num_particles, kl=False):
-        """z = mu + sigma * eps and log q(z|x) = -sum_i [eps_i^2 / 2 + log sigma_i] - d/2 log(2 pi), with the
-        closed-form KL sharing mu, sigma and log sigma."""
+    def draw(self, params, num_particles, kl=False, log_q=True):
+        """z = mu + sigma * eps and log q(z|x) = -sum_i [eps_i^2 / 2 + log sigma_i] - d/2 log(2 pi) (None with
+        ``log_q=False``), with the closed-form KL sharing mu, sigma and log sigma."""
         # a leading particle dim of size 1 on the parameters: no broadcast (and no reduction over it in the backward)
         loc, raw = self._check(params).unsqueeze(0).split(self.z_dim, dim=-1)
         scale = self.positive(raw)
-        log_scale = scale.log()
+        log_scale = scale.log() if kl or log_q else None
         eps = torch.empty((int(num_particles), *loc.shape[1:]), dtype=loc.dtype, device=loc.device).normal_()
-        const = eps.square().mul_(-0.5).sub_(_LOG_SQRT_2PI)  # no gradient flows through the noise
-        log_q = (const - log_scale).sum(-1)
-        return loc + eps * scale, log_q, self._kl(loc, scale, log_scale) if kl else None
+        log_qz = None
+        if log_q:
+            const = eps.square().mul_(-0.5).sub_(_LOG_SQRT_2PI)  # no gradient flows through the noise
+            log_qz = (const - log_scale).sum(-1)
+        return loc + eps * scale, log_qz, self._kl(loc, scale, log_scale) if kl else None
 
     def _kl(self, loc, scale, log_scale):
         """KL(N(mu, diag sigma^2) || N(0, I)) = 1/2 sum_i (mu_i^2 + sigma_i^2 - 1 - 2 log sigma_i)."""

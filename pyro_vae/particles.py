@@ -17,7 +17,8 @@ log w_kn = log p(x_n | z_kn) + log p(z_kn) - log q(z_kn | x_n). Every objective 
   outermost particle plate of size K (``pyro.plate(PARTICLE_PLATE, K, dim=-(plate_nesting + 1))``), and each
   site's log density is reduced per cell (:class:`CellLayout`).
 * a model's own trace-free **twin**: an object whose bound ``model``/``guide`` are passed may define
-  ``particles(*args, num_particles=, stop_q=, kl=, **kwargs)`` computing the same terms directly, and
+  ``particles(*args, num_particles=, stop_q=, kl=, log_weights=, **kwargs)`` computing the same terms directly
+  (``log_weights=False``: the formula reads no log p(z), log q(z|x), which the twin may then skip), and
   ``particle_twin_of(model, guide)`` saying whether the pair is the one its twin mirrors.
   :class:`~pyro_vae.vae.VAE` does (``VAE.particles`` next to ``VAE.model`` and ``VAE.guide``): the same maths
   without Pyro's per-step tracing.
@@ -65,8 +66,8 @@ class Particles:
 
     Attributes:
         log_px_given_z: log p(x|z), summed over the observed sites of a cell.
-        log_pz: log p(z), summed over the model's latent sites.
-        log_qz: log q(z|x), summed over the guide's sites.
+        log_pz: log p(z), summed over the model's latent sites (None when drawn with ``log_weights=False``).
+        log_qz: log q(z|x), summed over the guide's sites (None when drawn with ``log_weights=False``).
         scale: the batch scale: prod(full size / size) over the cell plates (N/B when B of N points are drawn).
         log_qz_stop: log q(z|x) with q's parameters stop-gradiented (only the path through z carries gradient).
         kl: KL(q || p) per cell: closed form per latent site where registered, else log q - log p.
@@ -76,8 +77,8 @@ class Particles:
     """
 
     log_px_given_z: torch.Tensor
-    log_pz: torch.Tensor
-    log_qz: torch.Tensor
+    log_pz: torch.Tensor | None
+    log_qz: torch.Tensor | None
     scale: float = 1.0
     log_qz_stop: torch.Tensor | None = None
     kl: torch.Tensor | None = None
@@ -87,12 +88,17 @@ class Particles:
 
     @property
     def num_particles(self) -> int:
-        return self.log_qz.shape[0]
+        return self.log_px_given_z.shape[0]
 
     @property
     def log_weights(self) -> torch.Tensor:
         """log w = log p(x|z) + log p(z) - log q(z|x)."""
+        self._need_log_weights()
         return self.log_px_given_z + self.log_pz - self.log_qz
+
+    def _need_log_weights(self) -> None:
+        if self.log_pz is None or self.log_qz is None:
+            raise ValueError("these particles were drawn with log_weights=False (no log p(z), log q(z|x))")
 
     @property
     def log_weights_stop(self) -> torch.Tensor:
@@ -100,6 +106,7 @@ class Particles:
         parameters receive gradient only through z (the path derivative)."""
         if self.log_qz_stop is None:
             raise ValueError("these particles were drawn without stop_q=True")
+        self._need_log_weights()
         return self.log_px_given_z + self.log_pz - self.log_qz_stop
 
     def scale_latent_gradients(self, weights: torch.Tensor) -> None:
@@ -139,8 +146,12 @@ def particle_twin(model, guide) -> Callable | None:
 
 
 def draw_particles(model, guide, args: tuple, kwargs: dict, *, num_particles: int = 1, stop_q: bool = False,
-                   kl: bool = False, plate_nesting=None, require_rsample: bool = False) -> Particles:
+                   kl: bool = False, log_weights: bool = True, plate_nesting=None,
+                   require_rsample: bool = False) -> Particles:
     """K = ``num_particles`` particles from the twin of (model, guide) if it has one, else from traces.
+
+    ``log_weights=False`` says the caller reads only log p(x|z) and the KL: a twin may leave log p(z) and
+    log q(z|x) out (None); traces always have them.
 
     ``plate_nesting`` is the model's own plate nesting, or a function returning it (called only when
     tracing; guessed from one dry run when None). ``require_rsample`` raises
@@ -148,7 +159,7 @@ def draw_particles(model, guide, args: tuple, kwargs: dict, *, num_particles: in
     """
     twin = particle_twin(model, guide)
     if twin is not None:
-        return twin(*args, num_particles=num_particles, stop_q=stop_q, kl=kl, **kwargs)
+        return twin(*args, num_particles=num_particles, stop_q=stop_q, kl=kl, log_weights=log_weights, **kwargs)
     if callable(plate_nesting):
         plate_nesting = plate_nesting()
     if plate_nesting is None:

@@ -180,29 +180,36 @@ class VAE(nn.Module):
 
     # ----------------------------------------------------------------- the trace-free twin of model and guide
     def particles(self, x, c=None, *, mask=None, num_particles: int = 1, stop_q: bool = False,
-                  kl: bool = False) -> Particles:
+                  kl: bool = False, log_weights: bool = True) -> Particles:
         """K = ``num_particles`` particles of ``(model, guide)`` without tracing (the same terms, noise and
         gradients as :func:`~pyro_vae.particles.trace_particles` on them):
 
             z_kn = rsample of q(z | x_n),  log p(x_n | z_kn),  log p(z_kn),  log q(z_kn | x_n),
 
         plus log q with stop-gradient parameters (``stop_q``) and the closed-form KL(q || p(z)) (``kl``;
-        the Monte Carlo log q - log p where no closed form is registered). Shapes (K, N).
+        the Monte Carlo log q - log p where no closed form is registered). Shapes (K, N). With
+        ``log_weights=False`` (a formula that reads only log p(x|z) and a closed-form KL) log p(z) and log q(z|x)
+        are left out (None) unless the KL needs them.
         """
         x, cond = self._data(x), self.condition(c)
         params = self._encode_params(x, cond)
         # the draws of Pyro's particle plate, and the family's own closed-form KL against N(0, I) if asked
-        z, log_qz, closed = self._draw(params, int(num_particles), kl and self.standard_prior(cond))
+        z, log_qz, closed = self._draw(params, int(num_particles), kl and self.standard_prior(cond), log_weights)
         out = self._decode_params(z, cond)
-        p = Particles(self.likelihood.log_prob(out, x, self.likelihood_mask(c, mask)), self.prior_log_prob(z, cond),
-                      log_qz)
+        log_px = self.likelihood.log_prob(out, x, self.likelihood_mask(c, mask))
+        if kl and closed is None:
+            closed = closed_form_kl(self.posterior(params), self.prior(cond))
+        if log_weights or (kl and closed is None):  # (the Monte Carlo KL reads them)
+            log_qz = self.posterior(params).log_prob(z) if log_qz is None else log_qz
+            p = Particles(log_px, self.prior_log_prob(z, cond), log_qz)
+        else:
+            p = Particles(log_px, None, None)
         if stop_q:
             q = self.posterior(params)
             p.log_qz_stop = detach_distribution(q).log_prob(z)
             p.gradient_scalers = [lambda w: _scale_gradient(z, w, q.event_dim)]
         if kl:
-            closed = closed if closed is not None else closed_form_kl(self.posterior(params), self.prior(cond))
-            p.kl = p.log_qz - p.log_pz if closed is None else closed.expand_as(p.log_qz)
+            p.kl = p.log_qz - p.log_pz if closed is None else closed.expand_as(log_px)
             p.kl_monte_carlo = ("z",) if closed is None else ()
         return p
 
@@ -210,9 +217,9 @@ class VAE(nn.Module):
         """Whether p(z|c) is N(0, I)."""
         return True
 
-    def _draw(self, params, num_particles: int, kl: bool):
+    def _draw(self, params, num_particles: int, kl: bool, log_q: bool = True):
         try:
-            return self.posterior.draw(params, num_particles, kl)
+            return self.posterior.draw(params, num_particles, kl, log_q)
         except NotImplementedError:  # no rsample
             raise NotReparameterizedError(f"the {type(self.posterior).__name__} posterior has no rsample") from None
 

@@ -135,3 +135,27 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.parametrize("family", ["diagonal", "cholesky", "iaf"])
+def test_a_formula_that_reads_no_log_weights_lets_the_twin_skip_them(family):
+    vae, (x,) = make_vae(family)
+    assert AnalyticKLELBO.needs_log_weights is False and MonteCarloELBO.needs_log_weights is True
+    draws = {}
+    for log_weights in (True, False):
+        pyro.set_rng_seed(3)
+        draws[log_weights] = draw_particles(vae.model, vae.guide, (x,), {}, num_particles=2, kl=True,
+                                            log_weights=log_weights)
+    full, lean = draws[True], draws[False]
+    torch.testing.assert_close(lean.log_px_given_z, full.log_px_given_z)  # the same noise
+    torch.testing.assert_close(lean.kl, full.kl)
+    if family == "iaf":  # no closed-form KL: its Monte Carlo estimate needs log q and log p, so they are kept
+        torch.testing.assert_close(lean.log_qz, full.log_qz)
+        torch.testing.assert_close(lean.kl, lean.log_qz - lean.log_pz)
+    else:
+        assert lean.log_pz is None and lean.log_qz is None and lean.num_particles == 2
+        with pytest.raises(ValueError, match="log_weights=False"):
+            lean.log_weights
+    pyro.set_rng_seed(3)  # traces always carry every term
+    traced_lean = draw_particles(*traced(vae), (x,), {}, num_particles=2, kl=True, log_weights=False)
+    torch.testing.assert_close(traced_lean.log_weights, full.log_weights)

@@ -42,6 +42,7 @@ class AnalyticKLELBO(MonteCarloELBO):
     """
 
     needs_kl = True
+    needs_log_weights = False  # the formula reads log p(x|z) and the KL only
 
     def bound(self, particles):
         return elbo(particles, beta=self.beta, analytic_kl=True)

@@ -35,6 +35,8 @@ class ParticleObjective(ELBO):
 
     #: the formula reads the closed-form KL term of the particles
     needs_kl = False
+    #: the formula reads log p(z) and log q(z|x) (False lets a trace-free twin skip them)
+    needs_log_weights = True
 
     def __init__(self, num_particles: int = 1, max_plate_nesting=float("inf"), vectorize_particles: bool = True,
                  **kwargs):
@@ -62,6 +64,7 @@ class ParticleObjective(ELBO):
         draws, k = (1, self.num_particles) if self.vectorize_particles else (self.num_particles, 1)
         for _ in range(draws):
             yield draw_particles(model, guide, args, kwargs, num_particles=k, stop_q=stop_q, kl=self.needs_kl,
+                                 log_weights=self.needs_log_weights,
                                  plate_nesting=lambda: self._plate_nesting(model, guide, args, kwargs),
                                  require_rsample=for_gradients)
 
@@ -101,7 +104,7 @@ class ParticleObjective(ELBO):
 
         def loss(*args, **kwargs):
             particles = twin(*args, num_particles=self.num_particles, stop_q=self.needs_stop_q(True),
-                             kl=self.needs_kl, **kwargs)
+                             kl=self.needs_kl, log_weights=self.needs_log_weights, **kwargs)
             return -self._checked_bound(particles)[1]
 
         return loss
