@@ -175,3 +175,18 @@ def test_burda_ablation_plans_commands_both_scripts_accept():
             args = parsers[kind](argv)
             assert args.name == name and args.data_dir == "/data"
     assert ablation.paired([1.0, 2.0, 4.0], [0.0, 1.0, 2.0]) == (4 / 3, math.sqrt(1 / 3) / math.sqrt(3))
+
+
+def test_loss_overhead_benchmark_quick():
+    speed = _load(ROOT / "benchmarks" / "speed.py")
+    cost, trainer = _load(ROOT / "benchmarks" / "loss_overhead.py").main(["--rounds", "20"])
+    assert set(cost) == {"hand-written", "fit's loss"} and all(f > 0 and b > 0 for f, b in cost.values())
+    assert len(trainer) == 2 and all(ms > 0 for ms in trainer.values())
+    assert sys.modules["speed"].Z == speed.Z == 20  # the tiny VAE's z_dim was put back
+
+
+@pytest.mark.slow
+def test_compile_variants_benchmark_quick():
+    times = _load(ROOT / "benchmarks" / "compile_variants.py").main(["--rounds", "1", "--steps", "1"])
+    assert {"hand", "fit", "fit --compile", "floor"} <= set(times) and all(t > 0 for t in times.values())
+    assert torch._dynamo.config.compiled_autograd is False  # the whole-step variant left the global config alone
