@@ -232,7 +232,11 @@ def _cmd_train(args):
     else:
         run_dir = train_run(_config(given), args.out, progress=not args.no_progress)
     if world().rank == 0:
-        draw_run_figures(load_run(run_dir))
+        try:
+            draw_run_figures(load_run(run_dir))
+        except KeyboardInterrupt:  # training is over and saved: only the figures are missing
+            raise KeyboardInterrupt(f"interrupted while drawing the figures; {run_dir} has finished training: "
+                                    f"draw them with pyro-vae plot {run_dir}") from None
         print(f"run written to {run_dir}")
 
 

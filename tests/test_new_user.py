@@ -584,7 +584,9 @@ def test_sigint_says_how_to_resume_and_resume_then_finishes(tmp_path, capsys, mo
 def test_a_real_ctrl_c_exits_130_saying_how_to_resume(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    p = subprocess.Popen([sys.executable, "-m", "pyro_vae.cli", "train", "--epochs", "6", "--batch-size", "16",
+    # small batches: the 5 epochs after the first take about 2 s, so the signal always lands during training
+    # (with batches of 16 they took 0.4 s, and a stall of the polling test let training end first)
+    p = subprocess.Popen([sys.executable, "-m", "pyro_vae.cli", "train", "--epochs", "6", "--batch-size", "4",
                           "--z-dim", "2", "--hidden", "16", "--no-progress", "--out", str(out)],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -600,6 +602,23 @@ def test_a_real_ctrl_c_exits_130_saying_how_to_resume(tmp_path):
     assert r.returncode == 0, r.stderr
     assert _epochs(out) == [1, 2, 3, 4, 5, 6]
 
+
+
+def test_ctrl_c_after_training_says_the_run_is_complete_and_how_to_draw_the_figures(tmp_path, capsys, monkeypatch):
+    import pyro_vae.cli as cli_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "draw_run_figures", interrupted)
+    out = tmp_path / "run"
+    code, _, err = cli(["train", *TINY, "--out", out], capsys)
+    assert code == 130
+    assert one_line(err) == (f"pyro-vae train: interrupted while drawing the figures; {out} has finished training: "
+                             f"draw them with pyro-vae plot {out}")
+    monkeypatch.undo()
+    code, _, err = cli(["plot", out], capsys)  # what the message says to do works
+    assert code == 0, err
 
 def test_gradient_variance_toy_writes_under_runs_not_the_working_directory(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
