@@ -148,18 +148,13 @@ class PosteriorFamily(nn.Module):
         z = q.rsample((num_particles,))
         return z, q.log_prob(z)
 
-    def kl_to_standard_normal(self, params: torch.Tensor) -> torch.Tensor | None:
-        """KL(q || N(0, I)) per point in closed form, or None (then the KL registry is asked). Families override
-        it with the formula (no distribution objects) for speed; the analytic-KL objective calls it every step."""
-        return None
-
     def draw(self, params: torch.Tensor, num_particles: int, kl: bool = False, log_q: bool = True):
-        """(z, log q(z), KL(q || N(0, I)) or None): :meth:`rsample_and_log_prob`, and with ``kl``
-        :meth:`kl_to_standard_normal` (shape (...) or (1, ...): it broadcasts against log q), in one call, so a
-        family can share the work of both (the twin's hot path). ``log_q=False``: the caller does not read
-        log q, and a family may return None for it."""
+        """(z, log q(z), KL(q || N(0, I)) or None), the twin's hot path: :meth:`rsample_and_log_prob`, and no
+        closed-form KL (the twin then asks Pyro's KL registry). A family may override it to return, with ``kl``,
+        its closed-form KL to N(0, I) (shape (...) or (1, ...): it broadcasts against log q) sharing the work of
+        the draw, and with ``log_q=False`` (the caller does not read log q) None for log q."""
         z, log_q = self.rsample_and_log_prob(params, num_particles)
-        return z, log_q, self.kl_to_standard_normal(params) if kl else None
+        return z, log_q, None
 
 
 # --------------------------------------------------------------------------------------------- factorized
@@ -201,11 +196,6 @@ class DiagonalNormal(_FactorizedLocScale):
 
     def rsample_and_log_prob(self, params, num_particles):
         return self.draw(params, num_particles)[:2]
-
-    def kl_to_standard_normal(self, params):
-        loc, raw = self._check(params).split(self.z_dim, dim=-1)
-        scale = self.positive(raw)
-        return self._kl(loc, scale, scale.log())
 
     def draw(self, params, num_particles, kl=False, log_q=True):
         """z = mu + sigma * eps and log q(z|x) = -sum_i [eps_i^2 / 2 + log sigma_i] - d/2 log(2 pi) (None with
