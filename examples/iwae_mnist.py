@@ -4,6 +4,19 @@ ELBO and with IWAE_K (standard and DReG gradients), compared by the importance-s
     python examples/iwae_mnist.py                              # bundled digits
     python examples/iwae_mnist.py --dataset mnist --data-dir ../shared/data --epochs 5
     python examples/iwae_mnist.py --quick                      # a smoke run (what the tests execute)
+
+Every row starts from the same initial weights (the seed), so each is compared with that untrained model on
+the same test points: "learned" is the mean per-point gain in log p(x), trained minus untrained, with the
+standard error of that paired difference. The IWAE rows are also compared with the Trace_ELBO row in the same
+way ("vs ELBO": IWAE's log p(x) minus the ELBO-trained model's, per point).
+
+On the bundled digits the IWAE rows beat the Trace_ELBO row at the start and at the end of training, not in
+between. With the default 40 epochs (K=2000), IWAE k=5 leads by +0.76 ± 0.07 nats per digit and DReG by
++0.99 ± 0.09, with 8 active units against 3. After the quick mode's four steps they lead by +0.19 ± 0.04 and
++0.21 ± 0.03 (between +0.08 and +0.23 for seeds 1 to 3; each IWAE step averages 5 particles per digit where
+Trace_ELBO draws one). After 5 epochs (``--epochs 5 --num-samples 200``) they are slightly behind, -0.06 ± 0.03
+and -0.03 ± 0.03: all three models are still far from converged (27 nats against 24 after 40 epochs). Every row
+beats its untrained model in every mode.
 """
 import argparse
 
@@ -13,16 +26,22 @@ import pyro
 from pyro.infer import SVI, Trace_ELBO
 
 import pyro_vae
+from pyro_vae.analysis import mean_and_stderr
 from pyro_vae.evaluation import active_units, log_likelihood
 from pyro_vae.objectives import IWAEELBO
 
 
-def train(data, objective, args):
-    pyro.set_rng_seed(args.seed)
-    pyro.clear_param_store()
+def make_vae(data, seed):
+    """The model every row trains, its initial weights drawn from ``seed``."""
+    pyro.set_rng_seed(seed)
     big = data.input_shape[-1] == 28
-    vae = pyro_vae.VAE(input_shape=data.input_shape, z_dim=50 if big else 8,
-                       hidden=(200, 200) if big else (128, 128), activation="tanh")
+    return pyro_vae.VAE(input_shape=data.input_shape, z_dim=50 if big else 8,
+                        hidden=(200, 200) if big else (128, 128), activation="tanh")
+
+
+def train(data, objective, args):
+    pyro.clear_param_store()
+    vae = make_vae(data, args.seed)
     svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": args.lr}), objective)
     x_train = data.x_train[: args.train_points]
     with pyro.validation_enabled(False):
@@ -33,6 +52,9 @@ def train(data, objective, args):
 
 
 def main(argv=None):
+    """Train one VAE per objective; per row (a dict) the test NLL with its standard error, the untrained model's
+    NLL, ``learned`` ({mean, stderr} of the per-point log p(x) gain over the untrained model) and, for the IWAE
+    rows, ``vs_elbo`` ({mean, stderr} of the per-point log p(x) gain over the Trace_ELBO row's model)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="digits")
     p.add_argument("--data-dir", default=None)
@@ -55,15 +77,28 @@ def main(argv=None):
         f"IWAE k={args.k}": IWAEELBO(num_particles=args.k),
         f"IWAE k={args.k}, DReG": IWAEELBO(num_particles=args.k, estimator="dreg"),
     }
-    rows = {}
-    print(f"| model | test NLL (K={args.num_samples}) | active units |\n|---|---|---|")
+
+    def log_px(vae):  # log p(x) per test point, shape (N,), from the same random stream for every model
+        torch.manual_seed(args.seed)
+        with torch.no_grad():
+            return log_likelihood(vae.model, vae.guide, x_test, num_samples=args.num_samples, progress=False)
+
+    untrained = log_px(make_vae(data, args.seed))
+    rows, ll = {}, {}
+    print(f"| model | test NLL (K={args.num_samples}) | untrained | learned | vs ELBO | active units |\n"
+          "|---|---|---|---|---|---|")
     for name, objective in objectives.items():
         vae = train(data, objective, args)
-        with torch.no_grad():
-            ll = log_likelihood(vae.model, vae.guide, x_test, num_samples=args.num_samples, progress=False)
-            rows[name] = float(-ll.mean())
-            print(f"| {name} | {rows[name]:.2f} ± {float(ll.std()) / len(ll) ** 0.5:.2f} | "
-                  f"{int(active_units(vae, x_test))} |")
+        ll[name] = log_px(vae)
+        row = rows[name] = {"nll": float(-ll[name].mean()), "stderr": float(ll[name].std()) / len(x_test) ** 0.5,
+                            "untrained_nll": float(-untrained.mean()),
+                            "learned": mean_and_stderr(ll[name] - untrained),
+                            "active_units": int(active_units(vae, x_test))}
+        if name != "VAE (Trace_ELBO)":
+            row["vs_elbo"] = mean_and_stderr(ll[name] - ll["VAE (Trace_ELBO)"])
+        vs_elbo = f"{row['vs_elbo']['mean']:+.2f} ± {row['vs_elbo']['stderr']:.2f}" if "vs_elbo" in row else ""
+        print(f"| {name} | {row['nll']:.2f} ± {row['stderr']:.2f} | {row['untrained_nll']:.2f} | "
+              f"{row['learned']['mean']:+.2f} ± {row['learned']['stderr']:.2f} | {vs_elbo} | {row['active_units']} |")
     return rows
 
 

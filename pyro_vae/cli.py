@@ -2,6 +2,9 @@
 
 Bad input (an unknown option, a wrong value, missing data files) prints one line naming the problem and
 exits with status 2, leaving no half-written run directory.
+
+``train --model FILE.py:CLASS`` trains a model of the user's own (docs/own-model.md); the run keeps a copy of the
+file, and every command that loads such a run executes that copy, so it takes ``--trust-code`` (docs/runs.md).
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .analysis import DEFAULT_FAMILIES, gaps_markdown, inference_gaps, write_gaps
+from .analysis import (DEFAULT_FAMILIES, OWN_MODEL_FAMILIES, gaps_markdown, inference_gaps, model_inference_gaps,
+                       write_gaps)
 from .config import RunConfig
 from .data import DATASETS, DataError, prepare_eval_data
 from .distributed import DistributedConfigError, world
@@ -24,7 +28,8 @@ from .objectives import ESTIMATORS, OBJECTIVES
 from .plots import draw_run_figures, save_samples
 from .runs import EVAL, evaluate_run, load_run, resume_run, train_run, write_eval
 from .studies import gradient_variance as study
-from .training import LR_SCHEDULES, OUTPUT_BIAS_INITS, DivergenceError, resolve_device
+from .user_model import UntrustedCodeError
+from .training import LR_SCHEDULES, OUTPUT_BIAS_INITS, DivergenceError, module_dtype, resolve_device
 
 __all__ = ["main", "build_parser"]
 
@@ -106,8 +111,30 @@ def _data_options() -> list:
     ]
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"z_dim\": 4}}', got {text!r} ({e.msg})") \
+            from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"z_dim\": 4}}', got {text!r}")
+    return value
+
+
+#: train options that build the built-in VAE: a model of the user's own (--model) takes --model-kwargs instead
+_VAE_OPTIONS = ("z_dim", "hidden", "activation", "network", "likelihood", "sigma", "guide", "rank", "flow_steps",
+                "scale_param", "conditional", "prior")
+
+
 def _model_options() -> list:
     return [
+        ("--model", None, dict(metavar="FILE.py:CLASS", help="train a model of your own: an nn.Module with Pyro "
+                                                              "programs model(x=None, batch_size=None) and guide(x) "
+                                                              "(docs/own-model.md); the run keeps a copy of FILE (default: "
+                                                              "the built-in VAE)")),
+        ("--model-kwargs", None, dict(type=_json_object, metavar="JSON", help="--model: keyword arguments of CLASS, "
+                                                                               "a JSON object (default {})")),
         ("--z-dim", "z_dim", dict(type=_positive_int, help="latent dimension")),
         ("--hidden", "hidden", dict(type=_hidden, help="hidden layer sizes, e.g. 400 or 200,200")),
         ("--activation", "activation", dict(choices=list(ACTIVATIONS), help="hidden-layer activation")),
@@ -161,8 +188,9 @@ def _optimization_options() -> list:
         ("--seed", "seed", dict(type=int, help="seed of weights, data order and noise")),
         ("--device", "device", dict(choices=["auto", "cpu", "cuda", "mps"], help="where to train")),
         ("--compile", "compile", dict(action="store_true", default=None,
-                                      help="run the loss under torch.compile (CUDA graphs on a GPU); falls back to "
-                                           "eager with a warning where no compiler works")),
+                                      help="capture the training step of any model into one graph per batch shape "
+                                           "and compile it (CUDA graphs on a GPU); eager, after one line naming "
+                                           "the cause, where capture fails")),
         ("--checkpoint-every", None, dict(help="checkpoint interval: N epochs, or Nsteps (e.g. 500steps) for "
                                                "optimizer steps (default 1 epoch)")),
         ("--on-nan", "on_nan", dict(choices=["stop", "skip"], help="a non-finite loss stops training, or its step is "
@@ -190,7 +218,14 @@ def _add_train(sub):
                    help="continue a run from its last checkpoint (only --epochs, --device and --compile may change; "
                         "default: start a new run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_trust_code(p)
     p.set_defaults(func=_cmd_train)
+
+
+def _add_trust_code(p) -> None:
+    p.add_argument("--trust-code", action="store_true",
+                   help="load a run of a model of your own (train --model): this executes the run's copy of its "
+                        "model code (RUN_DIR/model.py), so pass it only for runs you trust")
 
 
 def _format_default(value) -> str:
@@ -208,7 +243,17 @@ def _given(args) -> dict:
 
 
 def _config(given: dict) -> RunConfig:
-    fields = {k: v for k, v in given.items() if k not in ("rank", "flow_steps", "checkpoint_every")}
+    fields = {k: v for k, v in given.items() if k not in ("rank", "flow_steps", "checkpoint_every", "model",
+                                                          "model_kwargs")}
+    if "model_kwargs" in given and "model" not in given:
+        raise UsageError("--model-kwargs applies to --model FILE.py:CLASS")
+    if "model" in given:
+        vae_options = [k for k in _VAE_OPTIONS if k in given]
+        if vae_options:
+            flags = ", ".join("--" + k.replace("_", "-") for k in vae_options)
+            raise UsageError(f"{flags} {'builds' if len(vae_options) == 1 else 'build'} the built-in VAE, not "
+                             "--model: pass your model's own options in --model-kwargs")
+        fields["user_model"] = {"spec": given["model"], "kwargs": given.get("model_kwargs", {})}
     guide_kwargs = {k: given[k] for k in ("rank", "flow_steps") if k in given}
     if guide_kwargs:
         fields["guide_kwargs"] = guide_kwargs
@@ -228,12 +273,12 @@ def _cmd_train(args):
             raise UsageError(f"{flags} cannot change a run being resumed (its config.json fixes them; only "
                              "--epochs, --device and --compile can): start a new run with --out instead")
         run_dir = resume_run(args.resume, epochs=given.get("epochs"), device=given.get("device"),
-                             compile=given.get("compile"), progress=not args.no_progress)
+                             compile=given.get("compile"), progress=not args.no_progress, trust_code=args.trust_code)
     else:
         run_dir = train_run(_config(given), args.out, progress=not args.no_progress)
     if world().rank == 0:
         try:
-            draw_run_figures(load_run(run_dir))
+            draw_run_figures(load_run(run_dir, trust_code=True))  # its code was just run (or --trust-code given)
         except KeyboardInterrupt:  # training is over and saved: only the figures are missing
             raise KeyboardInterrupt(f"interrupted while drawing the figures; {run_dir} has finished training: "
                                     f"draw them with pyro-vae plot {run_dir}") from None
@@ -261,17 +306,18 @@ def _add_evaluate(sub):
                    help="evaluate only the first N test points, for a quick look (default: the whole test set)")
     p.add_argument("--checkpoint", choices=["last", "best"], default="last",
                    help="the last checkpoint, or best.pt (the best validation ELBO)")
-    p.add_argument("--compile", action="store_true", help="compute the log weights under torch.compile")
+    p.add_argument("--compile", action="store_true", help="compute the log weights on a captured, compiled graph")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="test points per pass")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="where to evaluate")
     p.add_argument("--refine-steps", type=_non_negative_int, default=0,
                    help="test-time refinement: also report the ELBO and NLL of the encoder's posterior refined by N "
                         "SVI steps per point (refined_elbo, refined_nll; docs/gaps.md); 0 skips it")
+    _add_trust_code(p)
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(args):
-    run = load_run(args.run_dir, best=args.checkpoint == "best")
+    run = load_run(args.run_dir, best=args.checkpoint == "best", trust_code=args.trust_code)
     result = evaluate_run(run, num_samples=args.num_samples, batch_size=args.batch_size, max_points=args.test_points,
                           device=resolve_device(args.device), progress=True, write=False, compile=args.compile,
                           refine_steps=args.refine_steps)
@@ -294,12 +340,15 @@ def _add_sample(sub):
     p.add_argument("--draw", action="store_true", help="draw x ~ p(x|z) instead of showing E[x|z]")
     p.add_argument("--label", type=int, default=None,
                    help="conditional runs: generate only this class (required for them)")
+    _add_trust_code(p)
     p.set_defaults(func=_cmd_sample)
 
 
 def _cmd_sample(args):
-    run = load_run(args.run_dir)
+    run = load_run(args.run_dir, trust_code=args.trust_code)
     torch.manual_seed(args.seed)
+    if run.config.user_model is not None:
+        return _sample_own_model(run, args)
     if args.label is None and run.vae.grid_conditions() is not None:
         raise UsageError("this run is conditional: give --label K to choose the class to generate")
     suffix = (f"-label{args.label}" if args.label is not None else "") + ("-draw" if args.draw else "")
@@ -311,15 +360,29 @@ def _cmd_sample(args):
     print(f"samples written to {out}")
 
 
+def _sample_own_model(run, args):
+    """``pyro-vae sample`` of a run of the user's own model: pyro.infer.Predictive on model(None, batch_size=n)."""
+    if args.label is not None:
+        raise UsageError("--label applies to conditional runs of the built-in VAE")
+    out = Path(args.out) if args.out else Path(args.run_dir) / f"samples-{args.n}{'-draw' if args.draw else ''}.png"
+    like = prepare_eval_data(run.vae, run.load_data().x_test[:2], run.config.binarize).to(module_dtype(run.vae))
+    try:
+        save_samples(run.vae, out, args.n, mean=not args.draw, like=like)
+    except OSError as e:
+        raise UsageError(f"could not write {out} ({e.strerror or e}): choose another --out") from None
+    print(f"samples written to {out}")
+
+
 def _add_plot(sub):
     p = sub.add_parser("plot", help="redraw a run's figures", formatter_class=_HelpFormatter)
     p.add_argument("run_dir", help="a run directory written by pyro-vae train")
     p.add_argument("--latent", default="pca", choices=["pca", "tsne"], help="projection for z_dim > 2")
+    _add_trust_code(p)
     p.set_defaults(func=_cmd_plot)
 
 
 def _cmd_plot(args):
-    run = load_run(args.run_dir)
+    run = load_run(args.run_dir, trust_code=args.trust_code)
     try:
         paths = draw_run_figures(run, latent_method=args.latent)
     except OSError as e:
@@ -359,7 +422,11 @@ def _cmd_gradient_variance(args):
                                         repetitions=args.repetitions or 1000)
         paths = study.write_toy_study(Path(args.out or Path("runs") / "gradient-variance"), rows)
     else:
-        run = load_run(args.run_dir)
+        try:
+            run = load_run(args.run_dir)
+        except UntrustedCodeError:
+            raise UsageError("the gradient-variance study takes runs of the built-in VAE, not of a model of your "
+                             "own (--model)") from None
         if run.config.conditional:
             raise UsageError("the gradient-variance study takes unconditional runs")
         x = prepare_eval_data(run.vae, run.load_data().x_test, run.config.binarize)[: args.batch_size or 64]
@@ -381,9 +448,10 @@ def _add_gaps(sub):
                                    "optimised by SVI; writes gaps.json, gaps.md and figures (docs/gaps.md).",
                        formatter_class=_HelpFormatter)
     p.add_argument("run_dir", help="a run directory written by pyro-vae train")
-    p.add_argument("--families", default=",".join(DEFAULT_FAMILIES),
+    p.add_argument("--families", default=None,
                    help="comma-separated posterior families to optimise per point (flow = an IAF; any of "
-                        f"{', '.join(sorted(POSTERIORS))})")
+                        f"{', '.join(sorted(POSTERIORS))}); default {','.join(DEFAULT_FAMILIES)}, and for a model "
+                        f"of your own {','.join(OWN_MODEL_FAMILIES)} over all local latents of a point together")
     p.add_argument("--steps", type=_positive_int, default=500, help="SVI steps of each local optimisation")
     p.add_argument("--test-points", type=_positive_int, default=200, help="the first N test points")
     p.add_argument("--num-samples", type=_positive_int, default=5000, help="importance samples for log p(x)")
@@ -395,6 +463,7 @@ def _add_gaps(sub):
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo draws")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="where to compute")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR)")
+    _add_trust_code(p)
     p.set_defaults(func=_cmd_gaps)
 
 
@@ -410,16 +479,19 @@ def _gap_families(text: str) -> list[str]:
 
 
 def _cmd_gaps(args):
-    families = _gap_families(args.families)
-    run = load_run(args.run_dir, best=args.checkpoint == "best")
+    run = load_run(args.run_dir, best=args.checkpoint == "best", trust_code=args.trust_code)
+    own = run.config.user_model is not None
+    families = _gap_families(args.families or ",".join(OWN_MODEL_FAMILIES if own else DEFAULT_FAMILIES))
     device = resolve_device(args.device)
     vae, data = run.vae.to(device).eval(), run.load_data()
     x = prepare_eval_data(vae, data.x_test.to(device), run.config.binarize)[: args.test_points]
+    x = x.to(module_dtype(vae))
     c = data.y_test.to(device)[: x.shape[0]] if run.config.conditional else None
     torch.manual_seed(args.seed)
-    report = inference_gaps(vae, x, c, families, steps=args.steps, num_samples=args.num_samples,
-                            num_particles=args.num_particles, elbo_particles=args.elbo_particles, lr=args.lr,
-                            progress=True)
+    options = dict(steps=args.steps, num_samples=args.num_samples, num_particles=args.num_particles,
+                   elbo_particles=args.elbo_particles, lr=args.lr, progress=True)
+    report = (model_inference_gaps(vae.model, vae.guide, x, families, **options) if own else
+              inference_gaps(vae, x, c, families, **options))
     report.update(run=str(args.run_dir), checkpoint=run.checkpoint, epoch=run.epoch)
     out = Path(args.out or args.run_dir)
     try:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import pyro.distributions as dist
+from pyro.infer.util import is_validation_enabled
 
 from .data import as_batch
 from .guides import DiagonalNormal
@@ -81,9 +82,12 @@ class ConditionalVAE(VAE):
         if self.num_classes is not None:
             if c.dim() != 1 or torch.is_floating_point(c):
                 raise ValueError(f"expected integer labels of shape (batch,), got {tuple(c.shape)} {c.dtype}")
-            if c.numel() and (int(c.min()) < 0 or int(c.max()) >= self.num_classes):
+            if is_validation_enabled() and c.numel() and (int(c.min()) < 0 or int(c.max()) >= self.num_classes):
                 raise ValueError(f"labels must be in [0, {self.num_classes}), got {int(c.min())}..{int(c.max())}")
-            return F.one_hot(c.long(), self.num_classes).to(self.dtype)
+            # one-hot by comparison: no host read of the labels (F.one_hot checks their range on the host, which
+            # a captured graph cannot); the range is checked above under Pyro's validation, and by fit's data checks
+            classes = torch.arange(self.num_classes, device=c.device)
+            return (c.long()[:, None] == classes).to(self.dtype)
         return as_batch(c, self.condition_shape).to(self.dtype).flatten(1)
 
     def label_condition(self, label: int, n: int) -> torch.Tensor:

@@ -35,6 +35,9 @@ class RunConfig:
     conditional: bool = False  # condition on the class label (ConditionalVAE)
     prior: str = "standard"  # conditional prior p(z|c): standard | learned
     num_classes: int | None = None  # filled in from the dataset for conditional runs
+    # a model of the user's own (--model FILE.py:CLASS): {spec, class, kwargs, sha256, input_shape}; its source
+    # is the run's model.py (pyro_vae.user_model). The VAE options above do not apply to it.
+    user_model: dict | None = None
     # objective (options left at None take the objective's default)
     objective: str = "analytic"
     num_particles: int | None = None

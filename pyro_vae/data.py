@@ -187,6 +187,8 @@ def needs_binarization(likelihood, x: torch.Tensor, mode: str = "auto") -> bool:
     (:class:`DataError` otherwise)."""
     if mode not in BINARIZE_MODES:
         raise ValueError(f"unknown binarize mode {mode!r}; choose {', '.join(BINARIZE_MODES)}")
+    if likelihood is None:  # a model of the user's own: binarization is the data option alone
+        return mode == "dynamic" and _check_unit_interval(x, "binarize mode 'dynamic'")
     if mode == "dynamic" and not likelihood.binary:  # would do nothing: refused rather than ignored
         raise DataError(f"binarize mode 'dynamic' (--binarize dynamic) applies to binary likelihoods (bernoulli), "
                         f"not {getattr(likelihood, 'name', type(likelihood).__name__)}")
@@ -194,20 +196,27 @@ def needs_binarization(likelihood, x: torch.Tensor, mode: str = "auto") -> bool:
         return False
     if mode == "auto" and is_binary(x):
         return False
+    return _check_unit_interval(x, f"the {getattr(likelihood, 'name', 'binary')} likelihood")
+
+
+def _check_unit_interval(x: torch.Tensor, who: str) -> bool:
+    """True, or :class:`DataError` when ``x`` (to be binarized, each value a probability) leaves [0, 1]."""
     lo, hi = (float(x.min()), float(x.max())) if x.numel() else (0.0, 1.0)
     if lo < 0 or hi > 1:  # torch.bernoulli would fail on them with a raw error
-        raise DataError(f"the {getattr(likelihood, 'name', 'binary')} likelihood binarizes grayscale data, each "
-                        f"value the probability of a 1, so it needs values in [0, 1]; got values in "
-                        f"[{lo:.3g}, {hi:.3g}]: scale them to [0, 1] or choose another likelihood")
+        raise DataError(f"{who} binarizes grayscale data, each value the probability of a 1, so it needs values "
+                        f"in [0, 1]; got values in [{lo:.3g}, {hi:.3g}]: scale them to [0, 1] or choose another "
+                        "likelihood")
     return True
 
 
 def prepare_eval_data(vae, x: torch.Tensor, binarize_mode: str = "auto") -> torch.Tensor:
     """Validation / test data as ``vae.likelihood`` sees it: a binary likelihood's data are binarized once, with
     a fixed seed, so every run and every evaluation uses the same binary test set. Checked for its support."""
-    if needs_binarization(vae.likelihood, x, binarize_mode):
+    likelihood = getattr(vae, "likelihood", None)
+    if needs_binarization(likelihood, x, binarize_mode):
         x = binarize(x, torch.Generator(device=x.device).manual_seed(TEST_BINARIZATION_SEED))
-    vae.likelihood.check_data(x)
+    if likelihood is not None:
+        likelihood.check_data(x)
     return x
 
 

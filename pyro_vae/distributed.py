@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["World", "setup", "teardown", "world", "is_main", "DistributedConfigError"]
+__all__ = ["World", "setup", "teardown", "world", "is_main", "DistributedConfigError", "all_reduce_sum", "average_gradients"]
 
 _REQUIRED = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -99,3 +99,14 @@ def all_reduce_sum(t: torch.Tensor, w: World) -> torch.Tensor:
     if w.distributed:
         dist.all_reduce(t)
     return t
+
+
+def average_gradients(grads: list, w: World) -> list:
+    """The mean of each gradient over the processes (one all-reduce of the flattened gradients), as
+    DistributedDataParallel averages them; the gradients themselves on a single process."""
+    if not w.distributed or not grads:
+        return grads
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= w.size
+    return [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
 from torch.distributions import Distribution, Independent, LowRankMultivariateNormal, MultivariateNormal, Normal
 
-from .compiling import Compiled
-from .particles import Particles, draw_particles, guess_plate_nesting, particle_twin
+import pyro
+
+from .compiling import Captured
+from .particles import Particles, cells_to_points, draw_particles, guess_plate_nesting, handlers_active
 
 __all__ = ["elbo", "log_likelihood", "chunk_size_for_budget", "bytes_per_particle", "streaming_logsumexp",
            "posterior_means", "latent_activity", "active_units", "kl_per_dimension", "DEFAULT_MEMORY_BUDGET",
@@ -88,16 +91,11 @@ def _progress(enabled: bool, total: int | None, desc: str):
     return tqdm(total=total, desc=desc, unit="pt", disable=not enabled, leave=False)
 
 
-def _drawer(model, guide, compile: bool = False) -> Callable[[tuple, int], Particles]:
-    """``draw(args, K)``: K particles of one batch, from the model's twin or traced (the plate nesting of a
-    traced model guessed once, on the first batch). ``compile`` runs the twin under torch.compile."""
-    twin = particle_twin(model, guide)
-    if compile and twin is not None:
-        compiled = Compiled(lambda args, k: twin(*args, num_particles=k))
-        return lambda args, num_particles: compiled(args, num_particles)
-    if compile:
-        warnings.warn("compile=True needs a model/guide with a trace-free twin (a VAE's own); tracing eagerly",
-                      RuntimeWarning, stacklevel=3)
+def _drawer(model, guide, compile: bool = False) -> Callable[[tuple, int], "Draw"]:
+    """``draw(args, K)``: the log weights of K particles of one batch (a :class:`Draw`), from the model's twin or
+    traced (the plate nesting of a traced model guessed once, on the first batch). ``compile`` records the draw
+    into one graph per batch shape and K, for any model (:class:`~pyro_vae.compiling.Captured`; ``"graph"``:
+    without Inductor)."""
     nesting: list[int] = []
 
     def plate_nesting(args):
@@ -105,24 +103,74 @@ def _drawer(model, guide, compile: bool = False) -> Callable[[tuple, int], Parti
             nesting.append(guess_plate_nesting(model, guide, args, {}))
         return nesting[0]
 
-    def draw(args: tuple, num_particles: int) -> Particles:
+    def particles(args: tuple, num_particles: int) -> Particles:
         return draw_particles(model, guide, args, {}, num_particles=num_particles,
                               plate_nesting=lambda: plate_nesting(args))
 
+    if not compile:
+        return lambda args, num_particles: Draw.of(particles(args, num_particles))
+    layout: dict = {}
+
+    def log_weights(*args_and_k):
+        *args, k = args_and_k
+        p = particles(tuple(args), k)
+        layout.setdefault("has_plate", p.has_plate)
+        return p.log_weights
+
+    captured = Captured(log_weights, lambda: _module_tensors(model, guide), prepare=log_weights,
+                        compile=compile != "graph", name="the log weights")
+
+    def draw(args: tuple, num_particles: int) -> Draw:
+        if handlers_active():  # a handler must see the program itself
+            return Draw.of(particles(args, num_particles))
+        log_w = captured(*args, num_particles)
+        return Draw(log_w, layout.get("has_plate", True))
+
     return draw
+
+
+@dataclass
+class Draw:
+    """The log weights ``(K, *cells)`` of one draw, and whether the cells are data points."""
+
+    log_weights: torch.Tensor
+    has_plate: bool = True
+
+    @classmethod
+    def of(cls, p: Particles) -> "Draw":
+        return cls(p.log_weights, p.has_plate)
+
+    def per_point(self, values: torch.Tensor) -> torch.Tensor:
+        return cells_to_points(values, self.has_plate)
+
+
+def _module_tensors(*programs) -> list:
+    """The parameters and floating-point buffers of the modules whose methods ``programs`` are (what a captured
+    graph reads live; integer buffers such as a flow's permutation are structure, recorded as constants), plus
+    every parameter in Pyro's param store (for programs that call ``pyro.param`` directly)."""
+    seen, out = set(), []
+    modules = [getattr(f, "__self__", None) for f in programs]
+    tensors = [t for m in modules if isinstance(m, torch.nn.Module)
+               for t in [*m.parameters(), *(b for b in m.buffers() if b.is_floating_point())]]
+    for t in tensors + [v.unconstrained() for v in pyro.get_param_store().values()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- ELBO
 @torch.no_grad()
 def elbo(model: Callable, guide: Callable, data, *, num_particles: int = 1, batch_size: int | None = 256,
-         progress: bool = False) -> torch.Tensor:
+         progress: bool = False, compile: bool = False) -> torch.Tensor:
     r"""Per-data-point ELBO estimates, shape (N,):
 
         ELBO(x_n) ~ (1/K) sum_k [log p(x_n, z_k) - log q(z_k | x_n)],  z_k ~ q(z | x_n),  K = num_particles
 
     (unscaled by any subsampling factor; particles vectorized). Its mean over data points is the test ELBO.
+    ``compile`` computes it on a captured, compiled graph (any model/guide; the same draws).
     """
-    out, draw = [], _drawer(model, guide)
+    out, draw = [], _drawer(model, guide, compile)
     with _progress(progress, _num_points(data), "elbo") as bar:
         for args in _batches(data, batch_size):
             p = draw(args, int(num_particles))
@@ -206,8 +254,8 @@ def log_likelihood(model: Callable, guide: Callable, data, num_samples: int = 50
     :param batch_size: data points per pass (tensor data); a DataLoader's batches are used as they come.
     :param chunk_size: particles per pass; default from ``memory_budget``.
     :param memory_budget: working-memory budget in bytes for choosing ``chunk_size`` / ``batch_size``.
-    :param compile: compute the log weights of a VAE's trace-free twin under :func:`torch.compile` (the same
-        draws and values; each new batch or chunk shape compiles once).
+    :param compile: compute the log weights on a captured, compiled graph (:class:`~pyro_vae.compiling.Captured`;
+        any model/guide; the same draws; each new batch or chunk shape is captured once).
     """
     num_samples = int(num_samples)
     if num_samples < 1:
@@ -334,3 +382,233 @@ def kl_per_dimension(encoder, data, batch_size: int | None = 256, num_samples: i
         total = kl.sum(0) if total is None else total + kl.sum(0)
         count += kl.shape[0]
     return total / count
+
+
+# ---------------------------------------------------------------------------------------------- any model/guide
+# The functions below work on the traces of any model/guide pair (a model of the user's own, docs/own-model.md):
+# the *local* latent sites are the guide's sample sites inside the data plate, the vectorized plate of size N
+# (the batch) around the model's observed site.
+import dataclasses as _dataclasses  # noqa: E402
+
+import pyro as _pyro  # noqa: E402
+import pyro.poutine as _poutine  # noqa: E402
+from pyro.poutine.messenger import Messenger as _Messenger  # noqa: E402
+
+
+@_dataclasses.dataclass
+class LocalSite:
+    """A local latent site of one batch: its guide site (q), its model site (p, given the guide's draws), and
+    ``dim``, the data plate's dim. A value of shape ``batch_shape + event_shape`` is one row per point by
+    :meth:`per_point`."""
+
+    name: str
+    guide_site: dict
+    model_site: dict | None
+    dim: int
+
+    @property
+    def fn(self):
+        return self.guide_site["fn"]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.fn.batch_shape + self.fn.event_shape
+
+    @property
+    def is_vector(self) -> bool:
+        """One scalar or one vector per point: batch_shape (N,) at the data dim, event_dim <= 1."""
+        batch = self.fn.batch_shape
+        return self.fn.event_dim <= 1 and len(batch) == -self.dim and all(s == 1 for s in batch[1:])
+
+    def per_point(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        """``t`` (broadcastable to the site's value shape) as (N, d): the data axis first, the rest flattened."""
+        axis = len(self.fn.batch_shape) + self.dim
+        return t.expand(self.shape).movedim(axis, 0).reshape(n, -1)
+
+
+def _observed_sites(model_trace) -> dict:
+    return {k: s for k, s in model_trace.nodes.items() if s["type"] == "sample" and s["is_observed"]}
+
+
+def data_plates(model_trace, n: int) -> dict:
+    """{name: dim} of the vectorized plates of size ``n`` around the model's observed sites (the data plate)."""
+    plates = {f.name: f.dim for site in _observed_sites(model_trace).values()
+              for f in site["cond_indep_stack"] if f.vectorized and f.size == n}
+    if not plates:
+        raise ValueError(f"the model's observed site is not inside a plate of the batch size {n}: the protocol needs "
+                         "every per-point site inside one data plate, pyro.plate('data', len(x)) (docs/own-model.md)")
+    return plates
+
+
+def trace_pair(model, guide, args: tuple, guide_messenger=None):
+    """(model_trace, guide_trace) of one batch: the guide (under ``guide_messenger`` if given), then the model
+    replayed against its draws."""
+    traced_guide = guide if guide_messenger is None else guide_messenger(guide)
+    guide_trace = _poutine.trace(traced_guide).get_trace(*args)
+    model_trace = _poutine.trace(_poutine.replay(model, trace=guide_trace)).get_trace(*args)
+    return model_trace, guide_trace
+
+
+def local_sites(model, guide, args: tuple, traces=None) -> list[LocalSite]:
+    """The guide's latent sample sites inside the data plate, in the guide's order."""
+    model_trace, guide_trace = traces or trace_pair(model, guide, args)
+    plates = data_plates(model_trace, args[0].shape[0])
+    out = []
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or site["infer"].get("is_auxiliary"):
+            continue
+        dims = [f.dim for f in site["cond_indep_stack"] if f.vectorized and f.name in plates]
+        if dims:
+            out.append(LocalSite(name, site, model_trace.nodes.get(name), dims[0]))
+    return out
+
+
+def _is_discrete(fn) -> bool:
+    return bool(getattr(fn.support, "is_discrete", False))
+
+
+def site_mean(fn, num_samples: int = 64) -> torch.Tensor:
+    """E[z] of a site's distribution: ``fn.mean`` where it exists and is finite, else the mean of draws."""
+    try:
+        mean = fn.mean
+        if torch.isfinite(mean).all():
+            return mean.expand(fn.batch_shape + fn.event_shape)
+    except NotImplementedError:
+        pass
+    return fn.sample((int(num_samples),)).mean(0)
+
+
+def _marginal_kl(q, p, num_samples: int) -> torch.Tensor | None:
+    r"""KL(q(z_u) || p(z_u)) per coordinate u of two vector (or scalar) sites, shape batch + (d,), or None:
+
+        Gaussian marginals (m, v) of both:  1/2 [log(v_p / v_q) + (v_q + (m_q - m_p)^2) / v_p - 1];
+        factorized (Independent) univariate families: torch's closed form, else E_q[log q_u - log p_u] by
+        ``num_samples`` draws."""
+    mq, mp = _gaussian_marginals(q), _gaussian_marginals(p)
+    if mq is not None and mp is not None:
+        (lq, vq), (lp, vp) = mq, mp
+        return 0.5 * ((vp / vq).log() + (vq + (lq - lp).pow(2)) / vp - 1)
+    base = [d.base_dist if isinstance(d, Independent) and d.reinterpreted_batch_ndims == q.event_dim else d
+            for d in (q, p)]
+    if q.event_dim > 1 or any(b.event_shape != () for b in base):
+        return None
+    try:
+        kl = torch.distributions.kl_divergence(*base)
+    except NotImplementedError:
+        z = base[0].sample((int(num_samples),))
+        kl = (base[0].log_prob(z) - base[1].log_prob(z)).mean(0)
+    return kl if q.event_dim == 1 else kl.unsqueeze(-1)
+
+
+@torch.no_grad()
+def latent_site_statistics(model, guide, data, batch_size: int | None = 256, threshold: float = 0.01,
+                           num_samples: int = 256) -> dict:
+    r"""Latent usage of any model/guide, per local latent site s (the guide's continuous sites in the data plate):
+
+    * ``active_units``: #{u : A_u > ``threshold``}, A_u = Cov_x(E_q[z_su | x]) (Burda et al. 2016, sec. 5.2;
+      for a site whose guide depends on other latents, E_q[z_s | x, z_parents] at drawn parents);
+    * ``kl_per_dimension`` (vector or scalar sites): E_x KL(q(z_su | x) || p(z_su)) per coordinate, the
+      marginals of q against the model's p(z_s | ...) at the guide's draws (:func:`_marginal_kl`); NaN where
+      neither closed form nor a factorized Monte Carlo estimate exists; None for other shapes.
+
+    Returns {site: {"dims", "active_units", "activity", "kl_per_dimension"}}. Discrete sites are skipped.
+    """
+    means, kls, sites_seen = {}, {}, {}
+    for args in _batches(data, batch_size):
+        n = args[0].shape[0]
+        for site in local_sites(model, guide, args):
+            if _is_discrete(site.fn):
+                continue
+            sites_seen[site.name] = site
+            means.setdefault(site.name, []).append(site.per_point(site_mean(site.fn), n))
+            kl = None
+            if site.is_vector and site.model_site is not None:
+                kl = _marginal_kl(site.fn, site.model_site["fn"], num_samples)
+            kls.setdefault(site.name, []).append(None if kl is None else site.per_point(kl, n))
+    out = {}
+    for name, parts in means.items():
+        m = torch.cat(parts)
+        if m.shape[0] < 2:
+            raise ValueError("latent activity needs at least two data points")
+        activity = m.var(dim=0, unbiased=True)
+        kl = kls[name]
+        kl = None if any(k is None for k in kl) else torch.cat(kl).mean(0)
+        out[name] = {"dims": int(m.shape[1]), "active_units": int((activity > threshold).sum()),
+                     "activity": activity.tolist(),
+                     "kl_per_dimension": None if kl is None else [float(v) if math.isfinite(v) else None
+                                                                  for v in kl.tolist()]}
+    return out
+
+
+class _GuideMeans(_Messenger):
+    """Each continuous latent sample site takes its distribution's mean (:func:`site_mean`) instead of a draw."""
+
+    def _pyro_sample(self, msg):
+        if (msg["is_observed"] or msg["value"] is not None or not hasattr(msg["fn"], "support")  # plates' subsample
+                or _is_discrete(msg["fn"])):
+            return
+        msg["value"] = site_mean(msg["fn"])
+
+
+def observed_site(model_trace, x: torch.Tensor) -> str:
+    """The name of the observed site that holds ``x`` (the first observed site with as many values)."""
+    for name, site in _observed_sites(model_trace).items():
+        if torch.is_tensor(site["value"]) and site["value"].numel() == x.numel():
+            return name
+    raise ValueError(f"the model has no observed site holding x (its observed sites: "
+                     f"{', '.join(_observed_sites(model_trace)) or 'none'}): observe the data with obs=x")
+
+
+@torch.no_grad()
+def reconstruct(model, guide, x: torch.Tensor, *args) -> torch.Tensor:
+    r"""E[x | z] at z = the guide's mean (each site's, where it has one; else a draw), replayed through the model:
+    the observed site's mean, shaped like ``x``."""
+    model_trace, _ = trace_pair(model, guide, (x, *args), guide_messenger=_GuideMeans())
+    site = model_trace.nodes[observed_site(model_trace, x)]
+    return site["fn"].mean.reshape(x.shape)
+
+
+SAMPLING_PROTOCOL = ("pyro-vae generates with pyro.infer.Predictive on model(None, batch_size=n), which must then "
+                     "draw the observed site for n points (docs/own-model.md)")
+
+
+@torch.no_grad()
+def sample_model(model, n: int, observed: str, *, mean: bool = True, shape=None) -> torch.Tensor:
+    r"""n draws of the model's prior predictive through ``pyro.infer.Predictive`` on ``model(None,
+    batch_size=n)``: the observed site ``observed`` drawn x ~ p(x | z) (``mean=False``), or its mean E[x | z] at
+    the latents Predictive drew (``mean=True``), reshaped to ``(n, *shape)`` when ``shape`` is given and fits.
+
+    A model that cannot be called that way is a one-line ValueError stating the protocol."""
+    n = int(n)
+    try:
+        draws = _pyro.infer.Predictive(model, num_samples=1, return_sites=None)(None, batch_size=n)
+        if observed not in draws:
+            raise ValueError(f"no site {observed!r} was drawn")
+        if mean:
+            latents = {k: v[0] for k, v in draws.items() if k != observed}
+            trace = _poutine.trace(_poutine.condition(model, data=latents)).get_trace(None, batch_size=n)
+            out = trace.nodes[observed]["fn"].mean
+        else:
+            out = draws[observed][0]
+    except Exception as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"cannot sample from the model: {SAMPLING_PROTOCOL}; it raised {type(e).__name__}"
+                         + (f": {text}" if text else "")) from None
+    if out.dim() == 0 or out.shape[0] != n:
+        raise ValueError(f"cannot sample from the model: {SAMPLING_PROTOCOL}; it drew {tuple(out.shape)}, not {n} points")
+    if shape is not None and out[0].numel() == math.prod(shape):
+        out = out.reshape(n, *shape)
+    return out
+
+
+@torch.no_grad()
+def local_site_means(model, guide, data, batch_size: int | None = 256, site: str | None = None) -> torch.Tensor:
+    """E_q[z_s | x_n] of one local latent site (``site``, default the guide's first continuous one), (N, d)."""
+    out = []
+    for args in _batches(data, batch_size):
+        sites = [s for s in local_sites(model, guide, args) if not _is_discrete(s.fn)]
+        chosen = next((s for s in sites if site is None or s.name == site), None)
+        if chosen is None:
+            raise ValueError(f"the guide has no continuous local latent site {site or ''}".rstrip())
+        out.append(chosen.per_point(site_mean(chosen.fn), args[0].shape[0]))
+    return torch.cat(out)

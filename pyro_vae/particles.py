@@ -23,7 +23,13 @@ log w_kn = log p(x_n | z_kn) + log p(z_kn) - log q(z_kn | x_n). Every objective 
   :class:`~pyro_vae.vae.VAE` does (``VAE.particles`` next to ``VAE.model`` and ``VAE.guide``): the same maths
   without Pyro's per-step tracing.
 
-:func:`draw_particles` picks the twin when there is one and traces otherwise.
+:func:`draw_particles` picks the twin when there is one **and no Pyro effect handler is active**, and traces
+otherwise. The twin sends no messages, so it is the same program as the traced model/guide only when nobody
+listens: under SVI (whose ``poutine.trace(param_only=True)`` collects the parameters to update), or inside
+``poutine.scale``/``condition``/``block``/``mask``/``replay``/``lift``/``trace``, the objective traces, so every
+handler sees exactly what it would see with Pyro's own ``Trace_ELBO``. With no handler active, the only
+observable effect of ``pyro.module`` is the parameter store; the twin registers its modules there too
+(:func:`register_modules`).
 
 Why this module sits below :mod:`pyro_vae.vae` rather than inside :mod:`pyro_vae.objectives`: the VAE's twin
 builds :class:`Particles`, and imports run one way (data -> building blocks -> vae -> objectives).
@@ -33,6 +39,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import types
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -43,12 +50,15 @@ from torch.distributions.transforms import Transform
 import pyro
 import pyro.poutine as poutine
 from pyro.distributions.kl import kl_divergence
+from pyro.params.param_store import param_with_module_name
+from pyro.poutine.runtime import _PYRO_STACK
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, check_site_shape, get_rng_state, set_rng_state
 
-__all__ = ["Particles", "draw_particles", "trace_particles", "particle_twin", "closed_form_kl",
+__all__ = ["Particles", "cells_to_points", "draw_particles", "trace_particles", "particle_twin", "handlers_active", "register_modules",
+           "closed_form_kl",
            "detach_distribution", "guess_plate_nesting", "run_traces", "CellLayout", "PARTICLE_PLATE",
            "NotReparameterizedError"]
 
@@ -118,10 +128,15 @@ class Particles:
 
     def per_point(self, values: torch.Tensor) -> torch.Tensor:
         """Per-cell values ``(*cells)`` summed to one value per data point of the outermost cell plate."""
-        if not self.has_plate:
-            raise ValueError("per-data-point evaluation needs every sample site of model and guide inside a common "
-                             "batch plate, e.g. `with pyro.plate('data', len(x)):`; found no plate shared by all sites")
-        return values.reshape(values.shape[0], -1).sum(-1)
+        return cells_to_points(values, self.has_plate)
+
+
+def cells_to_points(values: torch.Tensor, has_plate: bool = True) -> torch.Tensor:
+    """Per-cell values ``(*cells)`` summed to one value per data point of the outermost cell plate."""
+    if not has_plate:
+        raise ValueError("per-data-point evaluation needs every sample site of model and guide inside a common "
+                         "batch plate, e.g. `with pyro.plate('data', len(x)):`; found no plate shared by all sites")
+    return values.reshape(values.shape[0], -1).sum(-1)
 
 
 def closed_form_kl(q: Distribution, p: Distribution) -> torch.Tensor | None:
@@ -133,9 +148,28 @@ def closed_form_kl(q: Distribution, p: Distribution) -> torch.Tensor | None:
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
-def particle_twin(model, guide) -> Callable | None:
+def handlers_active() -> bool:
+    """Whether a Pyro effect handler is active (SVI's parameter capture, ``poutine.scale``, ``condition``, ...):
+    then only the traced program is the program, and no fast path may stand in for it."""
+    return bool(_PYRO_STACK)
+
+
+def register_modules(modules: dict) -> None:
+    """``pyro.module(name, module)`` for each module not yet in Pyro's parameter store under ``name``: what the
+    model and guide register, at the cost of one look-up per module once registered (the twin's hot path)."""
+    store = pyro.get_param_store()
+    for name, module in modules.items():
+        first = next(((n, p) for n, p in module.named_parameters() if p.requires_grad), None)
+        if first is None or store._params.get(param_with_module_name(name, first[0])) is not first[1]:
+            pyro.module(name, module)
+
+
+def particle_twin(model, guide, *, ignore_handlers: bool = False) -> Callable | None:
     """The trace-free twin ``owner.particles`` when ``model`` and ``guide`` are the bound methods of one object
-    whose twin mirrors exactly that pair (``owner.particle_twin_of(model, guide)``), else None."""
+    whose twin mirrors exactly that pair (``owner.particle_twin_of(model, guide)``) and no Pyro handler is
+    active (:func:`handlers_active`; ``ignore_handlers`` asks about the pair alone), else None."""
+    if _PYRO_STACK and not ignore_handlers:
+        return None
     owner = getattr(model, "__self__", None)
     if owner is None or getattr(guide, "__self__", None) is not owner:
         return None
@@ -296,7 +330,9 @@ class CellLayout:
     dims, plates only some sites live in) is summed. ``scale`` = prod(full_size / size) over the kept plates:
     each site's log density is scaled *relative* to it, and the subsampling factor multiplies the per-cell
     bound afterwards (for a subsampled data plate, log p(data) ~ (N/B) sum_batch log p(x_n); the factor
-    belongs outside the log-sum-exp).
+    belongs outside the log-sum-exp). A constant factor that every site shares beyond that (``poutine.scale(s)``
+    around model and guide) joins ``scale`` too: it weights each cell's bound by s, so the loss of every
+    objective scales by s; a factor that differs between sites, or a tensor, stays inside the site's term.
     """
 
     num_particles: int
@@ -316,6 +352,8 @@ class CellLayout:
         common = set.intersection(*stacks) if stacks else set()
         frames = sorted(common, key=lambda f: f[1])
         scale = math.prod((full if full is not None else size) / size for _, _, size, full in frames)
+        scale *= _common_factor([site["scale"] / scale for trace in (model_trace, guide_trace)
+                                 for site in _sample_sites(trace).values()])
         return cls(num_particles, plate_nesting, tuple((n, d, s) for n, d, s, _ in frames), float(scale))
 
     def zeros(self) -> torch.Tensor:
@@ -353,6 +391,14 @@ class CellLayout:
         for (_, dim, size) in self.kept:
             shape[total + dim] = size
         return cell_tensor.reshape(shape + [1] * event_dim)
+
+
+def _common_factor(ratios: list) -> float:
+    """The one float factor all ``ratios`` share (1.0 when they differ, or one is a tensor)."""
+    if not ratios or any(torch.is_tensor(r) for r in ratios):
+        return 1.0
+    first = float(ratios[0])
+    return first if first > 0 and all(math.isclose(float(r), first, rel_tol=1e-12) for r in ratios) else 1.0
 
 
 # ---------------------------------------------------------------------------------------------- stop-gradient
@@ -415,10 +461,15 @@ def _detach_object(obj, owner: str, memo: dict):
 
 
 def _detach_value(value, owner: str, memo: dict):
-    if torch.is_tensor(value):
-        return value.detach()
+    if torch.is_tensor(value):  # (integer tensors, e.g. a flow's permutation, carry no gradient: kept as they are)
+        return value.detach() if value.is_floating_point() or value.is_complex() else value
     if isinstance(value, (Distribution, Transform, torch.nn.Module)):
         return _detach_object(value, owner, memo)
+    if isinstance(value, types.MethodType) and isinstance(value.__self__, (Distribution, Transform)):
+        # a method bound to the object being copied (e.g. AffineAutoregressive(stable=True) sets
+        # self._inverse = self._inverse_stable): rebind it to the detached copy, or it runs the original's
+        # undetached network and context (and writes the original's caches)
+        return types.MethodType(value.__func__, _detach_object(value.__self__, owner, memo))
     if isinstance(value, dict):
         return type(value)((k, _detach_value(v, owner, memo)) for k, v in value.items())
     if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
@@ -427,12 +478,20 @@ def _detach_value(value, owner: str, memo: dict):
     if isinstance(value, functools.partial):
         new = functools.partial(_detach_value(value.func, owner, memo), *_detach_value(value.args, owner, memo),
                                 **_detach_value(value.keywords, owner, memo))
-        new.__dict__.update(vars(value))
+        new.__dict__.update({k: _as_structure(k, v) for k, v in vars(value).items()})
         return new
     if callable(value) and not isinstance(value, type) and not _is_method_of_module(value):
         raise TypeError(f"cannot detach the parameters of {owner}: it holds the callable {value!r}; "
                         "stop-gradient estimators (dreg, stl) support distributions whose parameters are tensors "
                         "or nn.Modules")
+    return value
+
+
+def _as_structure(name: str, value):
+    """An autoregressive network's integer ``permutation`` as Python ints (the order its inverse loops over):
+    structure, not data, so iterating it reads no tensor (a captured graph could not record that read)."""
+    if name == "permutation" and torch.is_tensor(value) and not value.is_floating_point():
+        return tuple(int(i) for i in value.tolist())
     return value
 
 

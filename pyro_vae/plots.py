@@ -13,7 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import save_image  # noqa: E402
 import numpy as np  # noqa: E402
+import pyro.poutine as poutine  # noqa: E402
 
+from . import evaluation  # noqa: E402
 from .data import prepare_eval_data  # noqa: E402
 
 __all__ = ["save_samples", "save_reconstructions", "plot_latent", "plot_curves", "draw_run_figures", "latent_2d"]
@@ -30,9 +32,22 @@ def _grid_images(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-def save_samples(vae, path, n: int = 64, nrow: int | None = None, mean: bool = True, **kwargs) -> Path:
-    """Decode n draws z ~ N(0, I) into an image grid (``E[x|z]`` unless ``mean=False``)."""
-    x = vae.sample(n, mean=mean, **kwargs)
+def _own_model(vae) -> bool:
+    """A module of the user's own: Pyro programs model/guide, none of the VAE's helpers (sample, reconstruct)."""
+    return not (hasattr(vae, "sample") and hasattr(vae, "reconstruct") and hasattr(vae, "posterior_mean"))
+
+
+def save_samples(vae, path, n: int = 64, nrow: int | None = None, mean: bool = True, like=None, **kwargs) -> Path:
+    """Decode n draws z ~ p(z) into an image grid (``E[x|z]`` unless ``mean=False``). A module of the user's
+    own is sampled through ``pyro.infer.Predictive`` on ``model(None, batch_size=n)``
+    (:func:`pyro_vae.evaluation.sample_model`); ``like``, a few data points, names its observed site and shape."""
+    if _own_model(vae):
+        if like is None:
+            raise ValueError("sampling a model of your own needs a few data points (like=x) to find its observed site")
+        observed = evaluation.observed_site(_model_trace(vae, like), like)
+        x = evaluation.sample_model(vae.model, n, observed, mean=mean, shape=like.shape[1:])
+    else:
+        x = vae.sample(n, mean=mean, **kwargs)
     save_image(_grid_images(x.cpu()), path, nrow=nrow or max(1, int(n ** 0.5)), padding=1, pad_value=0.5)
     return Path(path)
 
@@ -40,7 +55,10 @@ def save_samples(vae, path, n: int = 64, nrow: int | None = None, mean: bool = T
 def save_reconstructions(vae, x: torch.Tensor, path, n: int = 32, c=None) -> Path:
     """Pairs of rows: originals, then their reconstructions E[x|z=mean of q(z|x)]."""
     x = x[:n]
-    r = vae.reconstruct(x, None if c is None else c[:n])
+    if _own_model(vae):  # the guide's mean replayed through the model
+        r = evaluation.reconstruct(vae.model, vae.guide, x)
+    else:
+        r = vae.reconstruct(x, None if c is None else c[:n])
     per_row = min(8, n)
     rows = []
     for i in range(0, x.shape[0], per_row):
@@ -71,7 +89,7 @@ def plot_latent(vae, x: torch.Tensor, labels, path, method: str = "pca", title: 
     """The posterior means of ``x`` coloured by label (the "encodings of MNIST" picture); a conditional VAE
     encodes with the labels as its condition."""
     with torch.no_grad():
-        z = vae.posterior_mean(x, labels)
+        z = evaluation.local_site_means(vae.model, vae.guide, x) if _own_model(vae) else vae.posterior_mean(x, labels)
     pts, how = latent_2d(z, method)
     fig, ax = plt.subplots(figsize=(6, 5))
     c = None if labels is None else labels.cpu().numpy()
@@ -114,9 +132,13 @@ def draw_run_figures(run, data=None, latent_method: str = "pca") -> list[Path]:
     vae, d = run.vae.cpu().eval(), Path(run.dir)
     torch.manual_seed(0)
     x_test = prepare_eval_data(vae, data.x_test, run.config.binarize)
-    conditions = vae.grid_conditions(per_class=8)
-    n = 64 if conditions is None else len(conditions)
-    samples = save_samples(vae, d / "samples.png", n, nrow=8, c=conditions)
+    if _own_model(vae):
+        x_test = x_test.to(next(vae.parameters()).dtype)
+        samples = save_samples(vae, d / "samples.png", 64, nrow=8, like=x_test[:2])
+    else:
+        conditions = vae.grid_conditions(per_class=8)
+        n = 64 if conditions is None else len(conditions)
+        samples = save_samples(vae, d / "samples.png", n, nrow=8, c=conditions)
     labels = None if data.y_test is None else data.y_test[:2000]
     paths = [
         samples,
@@ -126,3 +148,9 @@ def draw_run_figures(run, data=None, latent_method: str = "pca") -> list[Path]:
     if run.metrics:
         paths.append(plot_curves(run.metrics, d / "curves.png"))
     return paths
+
+
+def _model_trace(vae, x):
+    """A trace of ``vae.model(x)`` (latents from the prior), to read its observed site."""
+    with torch.no_grad():
+        return poutine.trace(vae.model).get_trace(x)

@@ -5,7 +5,10 @@ with a :class:`RunWriter` callback -> run directory. :func:`load_run` reloads it
 writes ``eval.json``.
 
 Checkpoints hold only tensors and plain containers and are read with ``torch.load(weights_only=True)``, so a
-crafted file cannot execute code; the configuration is JSON. Writes are atomic (temporary file, fsync, rename):
+crafted file cannot execute code; the configuration is JSON. A run of a model of the user's own
+(``--model FILE.py:CLASS``) also holds that file's source as ``model.py`` (its sha256 in ``config.json``):
+loading it executes that code, so :func:`load_run` and :func:`resume_run` need ``trust_code=True``
+(:mod:`pyro_vae.user_model`). Writes are atomic (temporary file, fsync, rename):
 an interrupted write leaves the previous file intact.
 """
 from __future__ import annotations
@@ -27,17 +30,17 @@ import torch
 
 import pyro
 
-from . import analysis, evaluation
+from . import analysis, evaluation, user_model
 from .conditional import ConditionalVAE
 from .config import RunConfig
 from .data import DataError, atomic_write, atomic_write_bytes, load_dataset, needs_binarization, prepare_eval_data
 from .distributed import setup, teardown
-from .training import Callback, DivergenceError, fit, resolve_device, resolve_objective
+from .training import Callback, DivergenceError, fit, module_dtype, resolve_device, resolve_objective
 from .vae import VAE
 
 __all__ = ["Run", "RunWriter", "train_run", "load_run", "evaluate_run", "atomic_write_bytes", "save_checkpoint",
            "load_checkpoint", "read_metrics", "build_vae", "write_eval", "TrainingInterrupted", "CONFIG", "METRICS",
-           "CHECKPOINT", "BEST", "EVAL"]
+           "CHECKPOINT", "BEST", "EVAL", "build_model"]
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -156,6 +159,17 @@ def build_vae(config: RunConfig, input_shape):
                sigma=config.sigma, guide_kwargs=guide_kwargs)
 
 
+def build_model(config: RunConfig, input_shape, model_class: type | None = None) -> torch.nn.Module:
+    """The (untrained) module a config describes: the built-in VAE (:func:`build_vae`), or for a run of the
+    user's own model ``model_class(**kwargs)`` (:func:`pyro_vae.user_model.build`)."""
+    if config.user_model is None:
+        return build_vae(config, input_shape)
+    if config.conditional:
+        raise ValueError("--conditional applies to the built-in VAE; a model of your own (--model) conditions on "
+                         "what its own model(x) reads")
+    return user_model.build(model_class, config.user_model.get("kwargs", {}), input_shape)
+
+
 def _objective(config: RunConfig):
     return resolve_objective(config.objective, **config.objective_options())
 
@@ -186,21 +200,36 @@ class RunWriter(Callback):
             save_checkpoint(self.dir / BEST, checkpoint)
 
 
-def _validate_config(config: RunConfig):
-    """Everything that can fail before training, checked before the run directory exists."""
+def _validate_config(config: RunConfig, model_class: type | None = None):
+    """Everything that can fail before training, checked before the run directory exists. ``model_class``: the
+    class of a run of the user's own model (``config.user_model``)."""
     config.check()
     data = load_dataset(config.dataset, config.data_dir, config.val_fraction, config.seed, config.download)
     if config.conditional:
         config.num_classes = data.num_classes
     pyro.set_rng_seed(config.seed)  # the initial weights depend on the seed only: runs are reproducible
-    vae = build_vae(config, data.input_shape)
+    vae = build_model(config, data.input_shape, model_class)
+    if config.user_model is not None:
+        config.user_model["input_shape"] = list(data.input_shape)
     objective = _objective(config)
     if config.kl_warmup and not hasattr(objective, "beta"):
         raise ValueError("--kl-warmup needs an objective with a KL weight (e.g. --objective analytic)")
     device = resolve_device(config.device)
-    if not needs_binarization(vae.likelihood, data.x_train, config.binarize):
-        vae.likelihood.check_data(data.x_train)
+    likelihood = getattr(vae, "likelihood", None)  # a model of the user's own: binarization is --binarize alone
+    if not needs_binarization(likelihood, data.x_train, config.binarize) and likelihood is not None:
+        likelihood.check_data(data.x_train)
     return data, vae, objective, device
+
+
+def _user_model_class(config: RunConfig) -> tuple[type | None, bytes | None]:
+    """A new run of the user's own model: complete ``config.user_model`` from its ``spec`` (class, sha256) and
+    load the class from the original file; (class, source bytes), or (None, None) for the built-in VAE."""
+    if config.user_model is None:
+        return None, None
+    record, source = user_model.user_model_record(config.user_model.get("spec"), config.user_model.get("kwargs"))
+    config.user_model = record
+    path, name = user_model.parse_spec(record["spec"])
+    return user_model.load_class(path, name, record["sha256"]), source
 
 
 def _new_run_dir(out) -> Path:
@@ -235,32 +264,44 @@ def train_run(config: RunConfig, out=None, *, progress: bool = True) -> Path:
     every process trains; only rank 0 writes. Figures are drawn by :func:`pyro_vae.plots.draw_run_figures`.
     """
     run_dir = _new_run_dir(out) if int(os.environ.get("RANK", "0")) == 0 else Path(out or "runs/unused")
-    data, vae, objective, device = _validate_config(config)
+    model_class, source = _user_model_class(config)
+    data, vae, objective, device = _validate_config(config, model_class)
     main = setup(device).rank == 0
     created = False
     if main:
         created = _make_run_dir(run_dir)
-        atomic_write_bytes(run_dir / CONFIG, config.to_json().encode())
-        (run_dir / METRICS).write_text("")
+        try:
+            if source is not None:
+                user_model.copy_into_run(run_dir, source)
+            atomic_write_bytes(run_dir / CONFIG, config.to_json().encode())
+            (run_dir / METRICS).write_text("")
+        except BaseException:
+            if created:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
     return _train(config, run_dir, data, vae, objective, device, None, progress, created)
 
 
 def resume_run(run_dir, *, epochs: int | None = None, device: str | None = None, compile: bool | None = None,
-               progress: bool = True) -> Path:
+               progress: bool = True, trust_code: bool = False) -> Path:
     """Continue a run from its last checkpoint (bit-identical to an uninterrupted run on the same device).
 
     ``epochs`` extends (or shortens) the run and is saved in ``config.json``; a run without a checkpoint
-    starts again from its first epoch.
+    starts again from its first epoch. A run of the user's own model continues from its copy of the code
+    (``model.py``), which needs ``trust_code=True``.
     """
     run_dir = Path(run_dir)
     config = _read_config(run_dir)
+    model_class = None
+    if config.user_model is not None:
+        model_class = user_model.load_from_run(run_dir, config.user_model, trust_code)
     if epochs is not None:
         config.epochs = int(epochs)
     if device is not None:
         config.device = device
     if compile is not None:
         config.compile = bool(compile)
-    data, vae, objective, device_ = _validate_config(config)
+    data, vae, objective, device_ = _validate_config(config, model_class)
     state = load_checkpoint(run_dir / CHECKPOINT) if (run_dir / CHECKPOINT).exists() else None
     main = setup(device_).rank == 0
     if main:
@@ -382,13 +423,20 @@ class Run:
         return load_dataset(c.dataset, c.data_dir, c.val_fraction, c.seed)
 
 
-def load_run(run_dir, map_location="cpu", best: bool = False) -> Run:
+def load_run(run_dir, map_location="cpu", best: bool = False, trust_code: bool = False) -> Run:
     """Reload a run directory written by ``pyro-vae train`` (or :func:`train_run`).
 
-    ``best=True`` loads the checkpoint with the best validation ELBO (``best.pt``) instead of the last one.
+    ``best=True`` loads the checkpoint with the best validation ELBO (``best.pt``) instead of the last one. A
+    run of the user's own model (``--model FILE.py:CLASS``) is rebuilt from the run's copy of that file
+    (``model.py``, checked against its sha256), which executes it: that needs ``trust_code=True``, and without
+    it :class:`~pyro_vae.user_model.UntrustedCodeError` (a ValueError) names the file (compare Hugging Face's
+    ``trust_remote_code``). Runs of the built-in models need nothing.
     """
     run_dir = Path(run_dir)
     config = _read_config(run_dir)
+    model_class = None
+    if config.user_model is not None:
+        model_class = user_model.load_from_run(run_dir, config.user_model, trust_code)
     name = BEST if best else CHECKPOINT
     if not (run_dir / name).exists():
         raise FileNotFoundError(f"{run_dir} has no {name} (train it first, or it was written before any epoch "
@@ -396,7 +444,8 @@ def load_run(run_dir, map_location="cpu", best: bool = False) -> Run:
     state = load_checkpoint(run_dir / name, map_location)
     if not isinstance(state, dict) or not {"model", "input_shape", "epoch"} <= set(state):
         raise ValueError(f"cannot load {run_dir / name}: not a pyro-vae checkpoint (no model state)")
-    vae = build_vae(config, tuple(state["input_shape"]))
+    input_shape = tuple(state["input_shape"]) or tuple((config.user_model or {}).get("input_shape") or ())
+    vae = build_model(config, input_shape, model_class)
     try:
         vae.load_state_dict(state["model"])
     except RuntimeError as e:  # config.json edited after training (another z_dim, guide, ...)
@@ -417,24 +466,36 @@ def evaluate_run(run: Run, *, num_samples: int = 5000, batch_size: int = 256, el
     with K samples per point (positive nats per data point) and ``test_nll_stderr``, its standard error over
     the test points; ``seconds`` is the evaluation's wall time. The whole test set is used unless
     ``max_points`` takes only the first points (the test order is fixed). ``compile`` computes the
-    log-likelihood's log weights under :func:`torch.compile`. ``refine_steps=N > 0`` adds test-time refinement
+    log-likelihood's log weights on a captured, compiled graph. ``refine_steps=N > 0`` adds test-time refinement
     (:func:`pyro_vae.analysis.refined_evaluation`): ``refined_elbo`` and ``refined_nll`` with the posterior
     refined by N SVI steps per point as the proposal, and the importance sampler's mean Monte Carlo standard
     error and effective sample size with either proposal (``refined_is_stderr``, ``amortized_is_stderr``, ...).
+
+    A run of the user's own model gets the same from its traces: ``active_units`` (summed over its local latent
+    sites), ``latent_sites`` (per site: ``dims``, ``active_units``, ``kl_per_dimension`` of q's marginals
+    against the model's p; :func:`pyro_vae.evaluation.latent_site_statistics`) and ``kl_per_dimension`` of a
+    single site; ``refine_steps`` applies to the built-in VAE only.
     """
     device = resolve_device(device) if isinstance(device, str) else device
     data = run.load_data()
     vae = run.vae.to(device).eval()
-    x = prepare_eval_data(vae, data.x_test.to(device), run.config.binarize)[:max_points]
+    own = run.config.user_model is not None
+    if own and refine_steps:
+        raise ValueError("--refine-steps refines the built-in VAE's encoder; for a model of your own, pyro-vae gaps "
+                         "optimises per-point posteriors (docs/own-model.md)")
+    x = prepare_eval_data(vae, data.x_test.to(device), run.config.binarize)[:max_points].to(module_dtype(vae))
     args = (x, data.y_test.to(device)[: x.shape[0]]) if run.config.conditional else (x,)
     result = {"epoch": run.epoch, "checkpoint": run.checkpoint, "num_test": int(x.shape[0])}
     start = time.perf_counter()
     with torch.no_grad():
         result["test_elbo"] = float(evaluation.elbo(vae.model, vae.guide, args, num_particles=elbo_particles,
                                                     batch_size=batch_size).mean())
-        result["active_units"] = int(evaluation.active_units(vae, args, batch_size=batch_size))
-        kl = evaluation.kl_per_dimension(vae, args, batch_size=batch_size)
-        result["kl_per_dimension"] = [float(v) if math.isfinite(v) else None for v in kl.tolist()]
+        if own:
+            result.update(_latent_sites(vae, x, batch_size))
+        else:
+            result["active_units"] = int(evaluation.active_units(vae, args, batch_size=batch_size))
+            kl = evaluation.kl_per_dimension(vae, args, batch_size=batch_size)
+            result["kl_per_dimension"] = [float(v) if math.isfinite(v) else None for v in kl.tolist()]
     if num_samples:
         ll = evaluation.log_likelihood(vae.model, vae.guide, args, num_samples=num_samples, batch_size=None,
                                        progress=progress, compile=compile)
@@ -448,6 +509,19 @@ def evaluate_run(run: Run, *, num_samples: int = 5000, batch_size: int = 256, el
     if write:
         write_eval(run, result)
     return result
+
+
+def _latent_sites(vae, x, batch_size: int) -> dict:
+    """Latent usage of a model of the user's own, per local latent site
+    (:func:`pyro_vae.evaluation.latent_site_statistics`): ``latent_sites`` {site: dims, active_units,
+    kl_per_dimension}, ``active_units`` summed over the sites, and ``kl_per_dimension`` of a single site."""
+    sites = evaluation.latent_site_statistics(vae.model, vae.guide, x, batch_size=batch_size)
+    for stats in sites.values():
+        stats.pop("activity")
+    out = {"active_units": sum(s["active_units"] for s in sites.values()), "latent_sites": sites}
+    if len(sites) == 1:
+        out["kl_per_dimension"] = next(iter(sites.values()))["kl_per_dimension"]
+    return out
 
 
 def write_eval(run: Run, result: dict) -> Path:

@@ -28,11 +28,11 @@ from torch.nn.parallel import DistributedDataParallel
 import pyro
 
 from .data import DataError, binarize, check_data, check_labels, needs_binarization, prepare_eval_data
-from .compiling import Compiled
-from .distributed import World, all_reduce_sum, setup, shard
+from .compiling import Captured, gradient_program
+from .distributed import World, all_reduce_sum, average_gradients, setup, shard
 from .objectives import MonteCarloELBO, as_particle_objective, make_objective
 
-__all__ = ["fit", "TrainState", "TrainingData", "prepare_training_data", "train_epoch", "guarded_step",
+__all__ = ["fit", "check_model", "module_dtype", "TrainState", "TrainingData", "prepare_training_data", "train_epoch", "guarded_step",
            "Callback", "ProgressBar", "KLWarmup", "LRSchedule", "EarlyStopping", "learning_rate", "ObjectiveModule",
            "make_adam", "resolve_device", "resolve_objective", "mean_loss", "DivergenceError"]
 
@@ -79,15 +79,21 @@ def make_adam(params, lr: float, device: torch.device, eps: float = 1e-8) -> tor
     return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
 
 
+#: ``fit(compile=...)``: eager, captured and compiled by Inductor, or captured and run as recorded (no compiler:
+#: for checking what capture records, and for tests)
+COMPILE_MODES = (False, True, "graph")
+
+
 class ObjectiveModule(nn.Module):
     """``forward(*batch)``: the objective's loss on a minibatch, as a module that ``DistributedDataParallel``
     can wrap. Pyro's Trace_ELBO / TraceMeanField_ELBO are replaced by their particle equivalents
-    (:func:`~pyro_vae.objectives.as_particle_objective`), whose ``surrogate_loss`` (the trace-free twin plus one
-    formula, no host sync) is the forward; any other ELBO's ``differentiable_loss`` is.
+    (:func:`~pyro_vae.objectives.as_particle_objective`), whose ``surrogate_loss`` (the trace-free twin or the
+    traces, plus one formula, no host sync) is the forward; any other ELBO's ``differentiable_loss`` is.
 
-    ``compile=True`` runs the forward under :func:`torch.compile` (:class:`~pyro_vae.compiling.Compiled`: the
-    same noise, values and gradients as eager; CUDA graphs on a GPU; eager, with a warning, where no compiler
-    works). ``compile_seconds`` is the wall time of the calls that compiled.
+    ``compile=True`` captures the whole training step, the loss and its gradients, of any model into one graph
+    per batch shape and compiles it (:class:`~pyro_vae.compiling.Captured`; CUDA graphs on a GPU):
+    :meth:`loss_and_grads` then runs it; ``compile="graph"`` runs the recorded graph without a compiler. Where
+    capture fails it runs eagerly, after one line naming the cause.
     """
 
     def __init__(self, vae: nn.Module, objective: pyro.infer.ELBO, compile: bool = False):
@@ -97,19 +103,37 @@ class ObjectiveModule(nn.Module):
         bind = getattr(self.objective, "bind", None)  # a particle objective: its producer chosen once
         self._loss = (bind(vae.model, vae.guide) if bind is not None
                       else functools.partial(self.objective.differentiable_loss, vae.model, vae.guide))
+        self.params = [p for p in vae.parameters() if p.requires_grad]
+        self.step = None
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(map(repr, COMPILE_MODES))}, got {compile!r}")
         if compile:
-            self._loss = Compiled(self._loss, cuda=next(vae.parameters()).is_cuda)
+            tensors = self.params + [b for b in vae.buffers() if b.is_floating_point()]  # (integer buffers, such
+            # as a flow's permutation, are structure: recorded as constants)
+            self.step = Captured(gradient_program(self._loss, self.params), lambda: tensors, prepare=self._loss,
+                                 compile=compile != "graph", cuda_graphs=any(p.is_cuda for p in self.params),
+                                 name="the training step")
 
     @property
     def compiled(self) -> bool:
-        return getattr(self._loss, "compiled", False)
+        """Whether the training step runs on a captured graph."""
+        return self.step is not None and self.step.captured
+
+    @property
+    def capture_seconds(self) -> float:
+        return 0.0 if self.step is None else self.step.capture_seconds
 
     @property
     def compile_seconds(self) -> float:
-        return getattr(self._loss, "compile_seconds", 0.0)
+        return 0.0 if self.step is None else self.step.compile_seconds
 
     def forward(self, *batch):
         return self._loss(*batch)
+
+    def loss_and_grads(self, *batch):
+        """(loss, gradients of loss / B for ``self.params``) from the captured step (``compile=True``)."""
+        loss, *grads = self.step(*batch)
+        return loss, grads
 
 
 @torch.no_grad()
@@ -148,10 +172,13 @@ def _loader_item(item) -> tuple:
 
 
 def _check_condition(vae, c, n: int, name: str) -> torch.Tensor | None:
-    """Conditions checked against the data and the VAE (None for a VAE that takes none: it ignores them)."""
+    """Conditions checked against the data and the VAE (None for a VAE that takes none: it ignores them).
+    A module of the user's own (no ``condition`` method) gets its second argument as given."""
     c = torch.as_tensor(c)
     if c.dim() == 0 or c.shape[0] != n:
         raise DataError(f"the {name} conditions have {c.shape[0] if c.dim() else 0} rows for {n} data points")
+    if not hasattr(vae, "condition"):
+        return c
     try:
         if vae.condition(c[:1]) is None:
             return None
@@ -171,9 +198,30 @@ def _split_pair(data, name: str):
     return data, None
 
 
+def module_dtype(module: nn.Module) -> torch.dtype:
+    """The floating dtype a module computes in: its ``dtype`` attribute, else its first floating parameter's."""
+    dtype = getattr(module, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.get_default_dtype())
+
+
+def check_model(module) -> None:
+    """A module ``fit`` can train: an ``nn.Module`` with Pyro programs ``model(x)`` and ``guide(x)``."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"fit trains a torch.nn.Module with Pyro programs model(x) and guide(x), got "
+                        f"{type(module).__name__}")
+    missing = [name for name in ("model", "guide") if not callable(getattr(module, name, None))]
+    if missing:
+        raise TypeError(f"{type(module).__name__} has no {' and no '.join(missing)} method: fit trains a module "
+                        "with Pyro programs model(x) and guide(x) (a data plate over the batch)")
+    if not any(p.requires_grad for p in module.parameters()):
+        raise TypeError(f"{type(module).__name__} has no trainable parameters (fit optimizes module.parameters())")
+
+
 def _tensor_data(vae, data, name: str, device):
     x, c = _split_pair(data, name)
-    x = check_data(x, vae.input_shape, name=name).to(device=device, dtype=vae.dtype)
+    x = check_data(x, getattr(vae, "input_shape", None), name=name).to(device=device, dtype=module_dtype(vae))
     if c is not None:
         c = _check_condition(vae, c, x.shape[0], name)
     return x, (None if c is None else c.to(device))
@@ -189,13 +237,14 @@ def prepare_training_data(vae, train, val=None, binarize_mode: str = "auto", dev
         first = next(iter(train), None)
         if first is None:
             raise DataError("the DataLoader is empty (0 batches)")
-        check_data(_loader_item(first)[0], vae.input_shape, name="the DataLoader's first batch")
+        check_data(_loader_item(first)[0], getattr(vae, "input_shape", None), name="the DataLoader's first batch")
         data = TrainingData(loader=train, device=torch.device(device))
     else:
         x, c = _tensor_data(vae, train, "training data", device)
-        data = TrainingData(x=x, c=c, device=x.device, dynamic=needs_binarization(vae.likelihood, x, binarize_mode))
-        if not data.dynamic:
-            vae.likelihood.check_data(x)
+        likelihood = getattr(vae, "likelihood", None)
+        data = TrainingData(x=x, c=c, device=x.device, dynamic=needs_binarization(likelihood, x, binarize_mode))
+        if not data.dynamic and likelihood is not None:
+            likelihood.check_data(x)
     if val is not None and not isinstance(val, torch.utils.data.DataLoader):
         vx, vc = _tensor_data(vae, val, "validation data", device)
         data.val = (prepare_eval_data(vae, vx, binarize_mode),) + (() if vc is None else (vc,))
@@ -248,7 +297,8 @@ class TrainState:
                 "step_in_epoch": 0 if epoch_done else self.step_in_epoch,
                 "global_step": self.global_step, "partial_loss": 0.0 if epoch_done else float(self.partial_loss),
                 "partial_count": 0 if epoch_done else self.partial_count, "model": self.vae.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "rng": rng, "input_shape": list(self.vae.input_shape),
+                "optimizer": self.optimizer.state_dict(), "rng": rng,
+                "input_shape": list(getattr(self.vae, "input_shape", ()) or ()),
                 "extras": copy.deepcopy(self.extras)}
 
     def restore(self, checkpoint: dict) -> None:
@@ -275,7 +325,7 @@ def _make_state(vae, objective, lr: float, seed: int, device: torch.device, worl
     optimizer = make_adam(list(vae.parameters()), lr, device, eps=adam_eps)
     module = ObjectiveModule(vae, objective, compile=compile)
     loss_fn = module
-    if world.distributed:
+    if world.distributed and not compile:  # (a captured step averages its gradients itself)
         loss_fn = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
     return TrainState(vae, module.objective, optimizer, loss_fn, generator, device, world)
 
@@ -400,9 +450,15 @@ def guarded_step(state: TrainState, batch: tuple, guard: str) -> torch.Tensor | 
     cheap on the CPU); ``"skip"`` returns None without updating when the loss or a gradient is non-finite.
     Returns the detached loss.
     """
-    loss = state.loss_fn(*batch)
-    state.optimizer.zero_grad(set_to_none=True)
-    (loss / batch[0].shape[0]).backward()
+    module = state.objective_module
+    if module.step is not None:  # the captured step: loss and gradients in one graph
+        loss, grads = module.loss_and_grads(*batch)
+        for p, g in zip(module.params, average_gradients(grads, state.world)):
+            p.grad = g
+    else:
+        loss = state.loss_fn(*batch)
+        state.optimizer.zero_grad(set_to_none=True)
+        (loss / batch[0].shape[0]).backward()
     if guard == "skip" and not (bool(torch.isfinite(loss)) and _grads_finite(state.vae)):
         return None
     if guard == "check" and not math.isfinite(loss.item()):  # on the CPU: a read, no kernel
@@ -475,6 +531,12 @@ def fit(vae, train, val=None, *, objective="analytic", epochs: int = 10, batch_s
         callbacks=(), resume_state: dict | None = None, **objective_options) -> list[dict]:
     """Train ``vae`` by SVI on ``train`` (tensor, numpy array, ``(x, c)`` pair or DataLoader); per-epoch metrics.
 
+    ``vae`` is any ``torch.nn.Module`` with Pyro programs ``model(x)`` and ``guide(x)`` (``(x, c)`` with
+    conditions) that put a data plate over the batch: :class:`~pyro_vae.vae.VAE` and its relatives, or a model
+    of the user's own. Checks that need an input shape or a likelihood (``vae.input_shape``,
+    ``vae.likelihood``) apply where the module has them; binarization is the data option ``binarize_mode``
+    (``"dynamic"`` binarizes a user model's data every epoch; ``"auto"`` follows a VAE's likelihood).
+
     Each epoch records ``train_loss`` (the objective's loss per data point; for the ELBO objectives -ELBO in
     nats), ``val_elbo`` (the ELBO per validation point, one reparameterized sample), ``lr``, ``beta`` when the
     objective has one, and wall time. ``objective`` is a name of :data:`~pyro_vae.objectives.OBJECTIVES` with
@@ -484,14 +546,17 @@ def fit(vae, train, val=None, *, objective="analytic", epochs: int = 10, batch_s
     constant, exponential or cosine towards ``lr_final``, or Burda et al.'s), ``kl_warmup=E`` annealing the
     objective's KL weight from 0 over E epochs (on a copy: the objective passed in is left as it is), and
     ``patience=N`` stopping when the validation ELBO has not improved for N epochs. ``init_output_bias``:
-    ``"data-mean"`` (default) starts the decoder's output bias at the likelihood's parameters for the mean
+    ``"data-mean"`` (default; skipped for a module without an ``init_output_bias`` method) starts the decoder's output bias at the likelihood's parameters for the mean
     training image (:meth:`pyro_vae.vae.VAE.init_output_bias`; worth about 0.7 nats of test NLL on MNIST,
     docs/benchmarks.md), ``"zero"`` at 0, ``"default"`` leaves PyTorch's initialization. The default
     objective is ``"analytic"`` (the ELBO with closed-form KL: the same bound as Pyro's Trace_ELBO with less
     gradient noise; ``"elbo"`` is Trace_ELBO itself).
 
-    ``compile=True`` runs the loss under :func:`torch.compile` (:class:`ObjectiveModule`; the first epoch's
-    ``compile_seconds`` says what compiling cost), falling back to eager with a warning where it cannot. On the
+    ``compile=True`` captures the training step (loss and gradients) of any model into one graph per batch
+    shape and compiles it with Inductor (:class:`~pyro_vae.compiling.Captured`; the same noise and values as
+    eager, CUDA graphs on a GPU; the epochs that captured report ``capture_seconds`` and ``compile_seconds``);
+    ``compile="graph"`` runs the recorded graph without compiling it. Where capture fails (a host read,
+    data-dependent control flow) training runs eagerly after one line on stderr naming the cause. On the
     CPU, denormal floats are flushed to zero while training (:func:`flushed_denormals`: late epochs stay as fast
     as the first). ``callbacks``: :class:`Callback` objects (e.g. :class:`pyro_vae.runs.RunWriter` checkpoints);
     ``resume_state`` (a checkpoint) continues a run exactly where it stopped, random streams included, so
@@ -501,6 +566,7 @@ def fit(vae, train, val=None, *, objective="analytic", epochs: int = 10, batch_s
     process takes ``batch_size`` points of every global minibatch of ``batch_size * world_size``.
     """
     device = resolve_device(device) if isinstance(device, str) else device
+    check_model(vae)
     objective = resolve_objective(objective, **objective_options)
     _check_options(epochs, batch_size, lr, on_nan, kl_warmup, objective)
     _check_lr_schedule(lr_schedule, lr_final, lr)
@@ -517,8 +583,13 @@ def fit(vae, train, val=None, *, objective="analytic", epochs: int = 10, batch_s
     if progress and world.rank == 0:
         callbacks.append(ProgressBar(epochs))
     guard = on_nan if on_nan == "skip" else ("check" if device.type == "cpu" else "none")
+    return _train(state, data, epochs, batch_size, guard, callbacks)
+
+
+def _train(state: TrainState, data: TrainingData, epochs: int, batch_size: int, guard: str, callbacks) -> list:
+    """Epochs from ``state``'s position to ``epochs`` (or a callback's stop); the per-epoch metrics."""
     history = []
-    with flushed_denormals(device):
+    with flushed_denormals(state.device):
         while state.epoch < epochs and not state.stop:
             history.append(_run_epoch(state, data, batch_size, guard, callbacks))
             state.epoch += 1
@@ -560,6 +631,11 @@ def _init_output_bias(vae, data: TrainingData, how: str) -> None:
         raise ValueError(f"unknown init_output_bias {how!r}; choose one of {', '.join(OUTPUT_BIAS_INITS)}")
     if how == "default":
         return
+    if not hasattr(vae, "init_output_bias"):  # a module of the user's own: its initialization is its own
+        if how == "zero":
+            raise ValueError(f"init_output_bias='zero' needs a model with an init_output_bias(mean) method; "
+                             f"{type(vae).__name__} has none")
+        return
     vae.init_output_bias(_mean_image(data) if how == "data-mean" else None)
 
 
@@ -579,7 +655,8 @@ def _run_epoch(state: TrainState, data: TrainingData, batch_size: int, guard: st
     """One epoch with its callbacks and validation."""
     for cb in callbacks:
         cb.on_epoch_start(state)
-    t0, compiled = time.perf_counter(), state.objective_module.compile_seconds
+    module = state.objective_module
+    t0, captured, compiled = time.perf_counter(), module.capture_seconds, module.compile_seconds
     state.vae.train()
     with pyro.validation_enabled(False):
         metrics = train_epoch(state, data, batch_size, guard, callbacks)
@@ -587,8 +664,10 @@ def _run_epoch(state: TrainState, data: TrainingData, batch_size: int, guard: st
     _validate(state, data, metrics)
     metrics["seconds"] = time.perf_counter() - t0
     metrics["lr"] = state.optimizer.param_groups[0]["lr"]
-    if state.objective_module.compile_seconds > compiled:
-        metrics["compile_seconds"] = state.objective_module.compile_seconds - compiled
+    if module.capture_seconds > captured:
+        metrics["capture_seconds"] = module.capture_seconds - captured
+    if module.compile_seconds > compiled:
+        metrics["compile_seconds"] = module.compile_seconds - compiled
     if hasattr(state.objective, "beta"):
         metrics["beta"] = float(state.objective.beta)
     for cb in callbacks:

@@ -35,7 +35,7 @@ from .data import as_batch
 from .guides import POSTERIORS, LocalPosterior, make_posterior, marginal_moments
 from .likelihoods import make_likelihood
 from .networks import make_networks
-from .particles import NotReparameterizedError, Particles, closed_form_kl, detach_distribution
+from .particles import NotReparameterizedError, Particles, closed_form_kl, detach_distribution, register_modules
 
 __all__ = ["VAE", "as_batch"]
 
@@ -140,6 +140,10 @@ class VAE(nn.Module):
             modules["posterior"] = self.posterior
         return modules
 
+    def _pyro_modules(self) -> dict:
+        """Every module that ``model`` and ``guide`` register with ``pyro.module``, by name."""
+        return {**self._model_modules(), **self._guide_modules()}
+
     def _data(self, x) -> torch.Tensor:
         x = as_batch(x, self.input_shape)
         return x if x.dtype == self.dtype else x.to(self.dtype)
@@ -189,8 +193,11 @@ class VAE(nn.Module):
         plus log q with stop-gradient parameters (``stop_q``) and the closed-form KL(q || p(z)) (``kl``;
         the Monte Carlo log q - log p where no closed form is registered). Shapes (K, N). With
         ``log_weights=False`` (a formula that reads only log p(x|z) and a closed-form KL) log p(z) and log q(z|x)
-        are left out (None) unless the KL needs them.
+        are left out (None) unless the KL needs them. The modules reach Pyro's parameter store under the names
+        ``model`` and ``guide`` give them (the one effect of ``pyro.module`` when no handler is active; under a
+        handler the objectives trace ``model``/``guide`` instead of calling this).
         """
+        register_modules(self._pyro_modules())
         x, cond = self._data(x), self.condition(c)
         params = self._encode_params(x, cond)
         # the draws of Pyro's particle plate, and the family's own closed-form KL against N(0, I) if asked

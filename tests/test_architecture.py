@@ -17,7 +17,7 @@ LAYERS = [
     {"evaluation"},
     {"analysis"},
     {"training"},
-    {"runs"},
+    {"runs", "user_model"},
     {"plots"},
     {"studies", "studies.gradient_variance"},
     {"cli"},

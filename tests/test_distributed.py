@@ -32,12 +32,15 @@ def _torchrun(*args, timeout=300):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process_with_the_doubled_batch(tmp_path):
+@pytest.mark.parametrize("mode", ["train", "graph"], ids=["eager", "captured"])
+def test_two_processes_equal_one_process_with_the_doubled_batch(tmp_path, mode):
+    """DDP's averaged gradients (eager), or the captured step's own all-reduce (``compile="graph"``): 2 gloo
+    processes with batch B end where 1 process with batch 2B ends."""
     single, double = tmp_path / "single.pt", tmp_path / "ddp.pt"
-    p = subprocess.run([sys.executable, str(HERE / "ddp_script.py"), str(single), "16"], env=ENV,
+    p = subprocess.run([sys.executable, str(HERE / "ddp_script.py"), str(single), "16", mode], env=ENV,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
-    p = _torchrun(str(HERE / "ddp_script.py"), str(double), "8")
+    p = _torchrun(str(HERE / "ddp_script.py"), str(double), "8", mode)
     assert p.returncode == 0, p.stderr
     a, b = torch.load(single, weights_only=True), torch.load(double, weights_only=True)
     for k in a["model"]:

@@ -159,3 +159,18 @@ def test_a_formula_that_reads_no_log_weights_lets_the_twin_skip_them(family):
     pyro.set_rng_seed(3)  # traces always carry every term
     traced_lean = draw_particles(*traced(vae), (x,), {}, num_particles=2, kl=True, log_weights=False)
     torch.testing.assert_close(traced_lean.log_weights, full.log_weights)
+
+
+@pytest.mark.parametrize("family", ["diagonal", "cholesky", "lowrank", "iaf"])
+def test_the_stop_gradient_copy_of_q_carries_no_parameter_gradient(family):
+    """log q_sg(z) = log q(z) in value, and with z held fixed it reaches no parameter (encoder, flow): the guide
+    may get gradient only through z. The IAF's stable flow binds its inverse to itself in __init__; a copy that
+    kept that binding ran the original, undetached network (and biased DReG and STL)."""
+    from pyro_vae.particles import detach_distribution
+
+    vae, args = make_vae(family)
+    q = vae.encode(*args)
+    z = q.rsample().detach()
+    log_q_stop = detach_distribution(q).log_prob(z)
+    torch.testing.assert_close(log_q_stop, q.log_prob(z), rtol=1e-5, atol=1e-5)
+    assert not log_q_stop.requires_grad

@@ -17,7 +17,7 @@ import torch
 from pyro.infer import ELBO
 from pyro.util import warn_if_nan
 
-from ..particles import Particles, draw_particles, guess_plate_nesting, particle_twin, run_traces
+from ..particles import Particles, draw_particles, guess_plate_nesting, handlers_active, particle_twin, run_traces
 
 __all__ = ["ParticleObjective"]
 
@@ -97,12 +97,16 @@ class ParticleObjective(ELBO):
 
     def bind(self, model, guide):
         """``loss(*args, **kwargs)``, equal to ``surrogate_loss(model, guide, *args, **kwargs)``, with the
-        particle producer chosen once: the model's trace-free twin, called directly (what a trainer steps)."""
-        twin = particle_twin(model, guide)
+        particle producer chosen once: the model's trace-free twin, called directly (what a trainer steps).
+        A call made while a Pyro handler is active traces instead, as :func:`~pyro_vae.particles.draw_particles`
+        does."""
+        twin = particle_twin(model, guide, ignore_handlers=True)
         if twin is None or (self.num_particles > 1 and not self.vectorize_particles):  # (one particle: the same)
             return functools.partial(self.surrogate_loss, model, guide)
 
         def loss(*args, **kwargs):
+            if handlers_active():
+                return self.surrogate_loss(model, guide, *args, **kwargs)
             particles = twin(*args, num_particles=self.num_particles, stop_q=self.needs_stop_q(True),
                              kl=self.needs_kl, log_weights=self.needs_log_weights, **kwargs)
             return -self._checked_bound(particles)[1]
