@@ -10,11 +10,13 @@ from . import evaluation, objectives, particles  # noqa: F401  (importing object
 from .conditional import ConditionalVAE
 from .config import RunConfig
 from .data import DataError, Dataset, load_dataset
+from .hierarchical import HierarchicalVAE
 from .guides import (CholeskyNormal, DiagonalLaplace, DiagonalNormal, DiagonalStudentT, IAFNormal, LowRankNormal,
                      PosteriorFamily, make_posterior)
 from .likelihoods import Likelihood, make_likelihood
 from .objectives import AnalyticKLELBO, IWAEELBO, MonteCarloELBO, RenyiBound, make_objective
 from .particles import Particles
+from .priors import FlowPrior, MixturePrior, Prior, VampPrior, make_prior
 from .runs import Run, evaluate_run, load_run, resume_run, train_run
 from .training import fit
 from .vae import VAE
@@ -22,7 +24,8 @@ from .vae import VAE
 __version__ = "0.1.0"
 
 __all__ = [
-    "VAE", "ConditionalVAE",
+    "VAE", "ConditionalVAE", "HierarchicalVAE",
+    "Prior", "MixturePrior", "VampPrior", "FlowPrior", "make_prior",
     "PosteriorFamily", "DiagonalNormal", "CholeskyNormal", "LowRankNormal", "IAFNormal", "DiagonalLaplace",
     "DiagonalStudentT", "make_posterior", "Likelihood", "make_likelihood",
     "Particles", "MonteCarloELBO", "AnalyticKLELBO", "IWAEELBO", "RenyiBound", "make_objective",

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["MLPEncoder", "MLPDecoder", "ConvEncoder", "ConvDecoder", "make_networks", "ACTIVATIONS"]
+__all__ = ["MLPEncoder", "MLPDecoder", "ConvEncoder", "ConvDecoder", "make_networks", "mlp", "ACTIVATIONS"]
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -32,14 +32,21 @@ def _activation(name: str) -> type[nn.Module]:
         raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}") from None
 
 
-def _mlp(sizes, activation: str) -> nn.Sequential:
+def _mlp(sizes, activation: str, final_activation: bool = False) -> nn.Sequential:
     act = _activation(activation)
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
+        if final_activation or i < len(sizes) - 2:
             layers.append(act())
     return nn.Sequential(*layers)
+
+
+def mlp(sizes, activation: str = "relu", final_activation: bool = False) -> nn.Sequential:
+    """Linear layers of ``sizes`` (input first) with ``activation`` between them (and after the last one with
+    ``final_activation``: a feature extractor); works on any leading dimensions. ``sizes`` of one entry gives
+    an empty Sequential (the identity)."""
+    return _mlp(list(sizes), activation, final_activation)
 
 
 class MLPEncoder(nn.Module):

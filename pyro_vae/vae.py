@@ -1,7 +1,8 @@
 """The VAE as two Pyro programs over one latent site ``"z"``, and their trace-free particle twin.
 
-* **model** p(z) p_theta(x|z): z ~ N(0, I) (``.to_event(1)``), the decoder turns z into the parameters of
-  the likelihood, and ``"x"`` is observed under it.
+* **model** p(z) p_theta(x|z): z ~ N(0, I) (``.to_event(1)``) or a learned prior (``prior="mog"``,
+  ``"vamp"``, ``"flow"``: :mod:`pyro_vae.priors`), the decoder turns z into the parameters of the likelihood,
+  and ``"x"`` is observed under it.
 * **guide** q_phi(z|x): the encoder turns x into the parameters of a posterior family and ``"z"`` is sampled
   from it with the reparameterization z = mu + sigma * eps (Kingma & Welling, 2014).
 * **particles** (the twin): the per-(particle, data point) terms log p(x|z), log p(z), log q(z|x) of
@@ -36,6 +37,7 @@ from .guides import POSTERIORS, LocalPosterior, make_posterior, marginal_moments
 from .likelihoods import make_likelihood
 from .networks import make_networks
 from .particles import NotReparameterizedError, Particles, closed_form_kl, detach_distribution, register_modules
+from .priors import make_prior
 
 __all__ = ["VAE", "as_batch"]
 
@@ -60,11 +62,18 @@ class VAE(nn.Module):
             (or anything with that many elements per row).
         sigma: for the Gaussian likelihood: ``"decoder"``, ``"learned"`` or a fixed float.
         guide_kwargs: passed to the posterior family (e.g. ``rank=``, ``flow_steps=``).
+        prior: ``"standard"`` (N(0, I)), ``"mog"`` (K learned Gaussians), ``"vamp"`` (the VampPrior, a mixture of
+            this encoder's posteriors at K learned pseudo-inputs), ``"flow"`` (a learned flow of N(0, I)) or a
+            :class:`~pyro_vae.priors.Prior` (see :mod:`pyro_vae.priors`). A learned prior has no closed-form
+            KL: the analytic objective uses log q(z|x) - log p(z) for it.
+        prior_components: K for ``"mog"`` (default 10) and ``"vamp"`` (default 500).
+        prior_kwargs: passed to the prior (e.g. ``flow_steps=`` for ``"flow"``).
     """
 
     def __init__(self, input_shape=(1, 28, 28), z_dim: int = 20, likelihood="bernoulli", guide="diagonal",
                  hidden=(400,), activation="relu", network="mlp", encoder: nn.Module | None = None,
-                 decoder: nn.Module | None = None, sigma=None, guide_kwargs: dict | None = None):
+                 decoder: nn.Module | None = None, sigma=None, guide_kwargs: dict | None = None,
+                 prior="standard", prior_components: int | None = None, prior_kwargs: dict | None = None):
         super().__init__()
         self.input_shape = tuple(int(s) for s in input_shape)
         if not self.input_shape or min(self.input_shape) < 1:
@@ -80,6 +89,10 @@ class VAE(nn.Module):
         self.decoder = decoder if decoder is not None else dec
         self.register_buffer("prior_loc", torch.zeros(self.z_dim), persistent=False)
         self.register_buffer("prior_scale", torch.ones(self.z_dim), persistent=False)
+        learned = make_prior(prior, self.z_dim, prior_components, encode=self._pseudo_posterior,
+                             input_shape=self.input_shape, **(prior_kwargs or {}))
+        #: the learned prior (:mod:`pyro_vae.priors`), or None for N(0, I) (closed forms)
+        self.learned_prior = None if learned.standard else learned
 
     # ----------------------------------------------------------------- building blocks (overridden by subclasses)
     @property
@@ -103,12 +116,21 @@ class VAE(nn.Module):
         return mask
 
     def prior(self, cond=None) -> dist.TorchDistribution:
-        """p(z) = N(0, I_d)."""
+        """p(z) = N(0, I_d), or the learned prior's distribution."""
+        if self.learned_prior is not None:
+            return self.learned_prior()
         return dist.Normal(self.prior_loc, self.prior_scale).to_event(1)
 
     def prior_log_prob(self, z: torch.Tensor, cond=None) -> torch.Tensor:
-        """log p(z) = -|z|^2 / 2 - d/2 log(2 pi) (``self.prior(cond).log_prob(z)`` in closed form)."""
+        """log p(z) = -|z|^2 / 2 - d/2 log(2 pi) (``self.prior(cond).log_prob(z)`` in closed form), or the
+        learned prior's log density."""
+        if self.learned_prior is not None:
+            return self.learned_prior().log_prob(z)
         return -0.5 * z.square().sum(-1) - self.z_dim * _LOG_SQRT_2PI
+
+    def _pseudo_posterior(self, u: torch.Tensor) -> dist.TorchDistribution:
+        """q(z|u) for the VampPrior's pseudo-inputs u (K, *input_shape): batch_shape (K,)."""
+        return self.posterior(self._encode_params(u))
 
     def _encode_params(self, x: torch.Tensor, cond=None) -> torch.Tensor:
         """Encoder features for x of shape (..., *input_shape) -> (..., posterior.num_params)."""
@@ -131,6 +153,10 @@ class VAE(nn.Module):
         modules = {"decoder": self.decoder}
         if any(p.requires_grad for p in self.likelihood.parameters()):
             modules["likelihood"] = self.likelihood
+        if self.learned_prior is not None:
+            modules["prior"] = self.learned_prior
+            if getattr(self.learned_prior, "encode", None) == self._pseudo_posterior:  # the VampPrior: p(z) uses q
+                modules.update(self._guide_modules())
         return modules
 
     def _guide_modules(self) -> dict:
@@ -201,14 +227,16 @@ class VAE(nn.Module):
         x, cond = self._data(x), self.condition(c)
         params = self._encode_params(x, cond)
         # the draws of Pyro's particle plate, and the family's own closed-form KL against N(0, I) if asked
-        z, log_qz, closed = self._draw(params, int(num_particles), kl and self.standard_prior(cond), log_weights)
+        standard = self.standard_prior(cond)
+        z, log_qz, closed = self._draw(params, int(num_particles), kl and standard, log_weights)
         out = self._decode_params(z, cond)
         log_px = self.likelihood.log_prob(out, x, self.likelihood_mask(c, mask))
+        prior = None if standard else self.prior(cond)  # (built once: a VampPrior runs the encoder)
         if kl and closed is None:
-            closed = closed_form_kl(self.posterior(params), self.prior(cond))
+            closed = closed_form_kl(self.posterior(params), self.prior(cond) if prior is None else prior)
         if log_weights or (kl and closed is None):  # (the Monte Carlo KL reads them)
             log_qz = self.posterior(params).log_prob(z) if log_qz is None else log_qz
-            p = Particles(log_px, self.prior_log_prob(z, cond), log_qz)
+            p = Particles(log_px, self.prior_log_prob(z, cond) if prior is None else prior.log_prob(z), log_qz)
         else:
             p = Particles(log_px, None, None)
         if stop_q:
@@ -221,8 +249,9 @@ class VAE(nn.Module):
         return p
 
     def standard_prior(self, cond=None) -> bool:
-        """Whether p(z|c) is N(0, I)."""
-        return True
+        """Whether p(z|c) is N(0, I) (False for a learned prior: the twin then uses ``prior_log_prob`` and asks
+        Pyro's KL registry, as the traced model does)."""
+        return self.learned_prior is None
 
     def _draw(self, params, num_particles: int, kl: bool, log_q: bool = True):
         try:

@@ -9,8 +9,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pyro_vae"
 #: layers, lowest first: a module imports only modules of its own or a lower layer
 LAYERS = [
     {"config", "distributed", "data", "compiling"},
-    {"networks", "likelihoods", "guides", "particles", "score_function"},
-    {"vae"},
+    {"networks", "likelihoods", "guides", "priors", "particles", "score_function"},
+    {"vae", "hierarchical"},
     {"conditional"},
     {"objectives", "objectives.kl", "objectives.bounds", "objectives.base", "objectives.elbo",
      "objectives.analytic_kl", "objectives.renyi", "objectives.iwae", "objectives.fisher"},
