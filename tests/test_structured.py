@@ -236,6 +236,7 @@ def _fit_falls(module, x, compile, objective="analytic", **options):
         assert "capture_seconds" in history[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compile", [False, "graph"])
 @pytest.mark.parametrize("inference", INFERENCE)
 def test_fit_trains_the_hierarchy(inference, compile):
@@ -253,6 +254,7 @@ def test_fit_trains_the_vae_with_each_learned_prior(name, compile):
     _fit_falls(VAE((1, 4, 4), z_dim=2, hidden=(16,), prior=name, **PRIORS[name]), x, compile)
 
 
+@pytest.mark.slow
 def test_fit_trains_the_ladder_with_a_learned_top_prior():
     pyro.set_rng_seed(0)
     x = torch.bernoulli(torch.rand(8, 1, 4, 4)).repeat(16, 1, 1, 1)
