@@ -168,6 +168,20 @@ def binarized_test_set(x_test: torch.Tensor, n: int | None) -> torch.Tensor:
     return xb[:n].reshape(xb[:n].shape[0], -1)
 
 
+def train_epoch(model, optimizer, x_train, generator, batch_size: int, loss_fn) -> float:
+    """One epoch: binarize every pixel afresh, then minibatches in a random order (both from ``generator``), one
+    Adam step on the mean of ``loss_fn(model, x_batch)`` (a sum over the batch) each; the loss per training point."""
+    xs = torch.bernoulli(x_train, generator=generator)
+    total = torch.zeros(())
+    for idx in torch.randperm(xs.shape[0], generator=generator).split(batch_size):
+        loss = loss_fn(model, xs[idx])
+        optimizer.zero_grad(set_to_none=True)
+        (loss / idx.shape[0]).backward()
+        optimizer.step()
+        total += loss.detach()
+    return float(total) / xs.shape[0]
+
+
 def train(args) -> dict:
     torch.set_num_threads(args.threads)
     data = load_dataset(args.dataset, args.data_dir, args.val_fraction, args.seed)
@@ -185,19 +199,10 @@ def train(args) -> dict:
     history, t_train = [], 0.0
     for epoch in range(1, args.epochs + 1):
         t0 = time.perf_counter()
-        xs = torch.bernoulli(x_train, generator=generator)
-        perm = torch.randperm(xs.shape[0], generator=generator)
-        total = torch.zeros(())
-        for idx in perm.split(args.batch_size):
-            xb = xs[idx]
-            loss = loss_fn(model, xb, args.k, args.kl)
-            optimizer.zero_grad(set_to_none=True)
-            (loss / xb.shape[0]).backward()
-            optimizer.step()
-            total += loss.detach()
+        loss = train_epoch(model, optimizer, x_train, generator, args.batch_size,
+                           lambda m, xb: loss_fn(m, xb, args.k, args.kl))
         seconds = time.perf_counter() - t0
         t_train += seconds
-        loss = float(total) / xs.shape[0]
         if not math.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss in epoch {epoch}")
         history.append({"epoch": epoch, "train_loss": loss, "seconds": seconds})
@@ -224,9 +229,9 @@ def train(args) -> dict:
     }
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def protocol_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of Burda et al.'s protocol that every plain reference shares (data, epochs, batch, Adam's lr, k)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--val-fraction", type=float, default=0.1, help="held out of training (pyro-vae's default 0.1)")
@@ -234,6 +239,11 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--k", type=int, default=1, help="particles: 1 = VAE (ELBO), k > 1 = IWAE_k")
+    return p
+
+
+def parse_args(argv=None):
+    p = protocol_parser(__doc__)
     p.add_argument("--z-dim", type=int, default=50)
     p.add_argument("--hidden", type=lambda s: [int(h) for h in s.split(",")], default=[200, 200])
     p.add_argument("--output-bias", choices=["zero", "data-mean"], default="zero",

@@ -18,13 +18,14 @@ from .objectives import AnalyticKLELBO, IWAEELBO, MonteCarloELBO, RenyiBound, ma
 from .particles import Particles
 from .priors import FlowPrior, MixturePrior, Prior, VampPrior, make_prior
 from .runs import Run, evaluate_run, load_run, resume_run, train_run
+from .semisupervised import SemiSupervisedVAE
 from .training import fit
 from .vae import VAE
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "VAE", "ConditionalVAE", "HierarchicalVAE",
+    "VAE", "ConditionalVAE", "HierarchicalVAE", "SemiSupervisedVAE",
     "Prior", "MixturePrior", "VampPrior", "FlowPrior", "make_prior",
     "PosteriorFamily", "DiagonalNormal", "CholeskyNormal", "LowRankNormal", "IAFNormal", "DiagonalLaplace",
     "DiagonalStudentT", "make_posterior", "Likelihood", "make_likelihood",

@@ -18,7 +18,7 @@ import torch
 
 from .analysis import (DEFAULT_FAMILIES, OWN_MODEL_FAMILIES, gaps_markdown, inference_gaps, model_inference_gaps,
                        write_gaps)
-from .config import RunConfig
+from .config import CONDITIONAL_PRIORS, INFERENCE, PRIORS, RunConfig
 from .data import DATASETS, DataError, prepare_eval_data
 from .distributed import DistributedConfigError, world
 from .guides import POSTERIORS, SCALE_PARAMS
@@ -76,16 +76,25 @@ _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 _non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
 _positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive number")
 _unit_float = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+_non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 
 
-def _hidden(s):
-    try:
-        sizes = tuple(int(h) for h in s.replace(",", " ").split())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer sizes like 400,200, got {s!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive layer sizes like 400,200, got {s!r}")
-    return sizes
+def _sizes(what: str, example: str):
+    """An argparse type for comma-separated positive sizes (``what``: "layer" or "latent")."""
+    def parse(s):
+        try:
+            sizes = tuple(int(h) for h in s.replace(",", " ").split())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what} sizes like {example}, got {s!r}") from None
+        if not sizes or min(sizes) < 1:
+            raise argparse.ArgumentTypeError(f"expected positive {what} sizes like {example}, got {s!r}")
+        return sizes
+    return parse
+
+
+_hidden = _sizes("layer", "400,200")
+#: --hierarchy: the latent sizes d_1,...,d_L of a HierarchicalVAE (z_1 next to x), e.g. 100,50
+_latent_sizes = _sizes("latent", "100,50")
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -124,7 +133,8 @@ def _json_object(text: str) -> dict:
 
 #: train options that build the built-in VAE: a model of the user's own (--model) takes --model-kwargs instead
 _VAE_OPTIONS = ("z_dim", "hidden", "activation", "network", "likelihood", "sigma", "guide", "rank", "flow_steps",
-                "scale_param", "conditional", "prior")
+                "scale_param", "conditional", "prior", "prior_components", "hierarchy", "inference", "semi_supervised",
+                "labels", "aux_weight", "unlabelled_per_labelled")
 
 
 def _model_options() -> list:
@@ -136,7 +146,17 @@ def _model_options() -> list:
         ("--model-kwargs", None, dict(type=_json_object, metavar="JSON", help="--model: keyword arguments of CLASS, "
                                                                                "a JSON object (default {})")),
         ("--z-dim", "z_dim", dict(type=_positive_int, help="latent dimension")),
-        ("--hidden", "hidden", dict(type=_hidden, help="hidden layer sizes, e.g. 400 or 200,200")),
+        ("--hidden", "hidden", dict(type=_hidden, help="hidden layer sizes, e.g. 400 or 200,200; with --hierarchy "
+                                                       "the deterministic layers of every stochastic layer (default "
+                                                       "there 2d_l,2d_l for layer l)")),
+        ("--hierarchy", "hierarchy", dict(type=_latent_sizes, metavar="D1,D2,...",
+                                          help="a HierarchicalVAE with these latent sizes, z_1 next to x (instead "
+                                               "of --z-dim); --hierarchy 100,50 --activation tanh is Burda et al.'s "
+                                               "two-layer architecture x-200-200-z1-100-100-z2 (docs/cli.md) "
+                                               "(default: one latent layer)")),
+        ("--inference", "inference", dict(choices=list(INFERENCE), help="--hierarchy: the guide samples "
+                                          "bottom-up (q(z_1|x) q(z_2|z_1)..., Burda et al.) or top-down (the ladder "
+                                          "VAE, Sønderby et al.)")),
         ("--activation", "activation", dict(choices=list(ACTIVATIONS), help="hidden-layer activation")),
         ("--network", "network", dict(choices=["mlp", "conv"], help="encoder/decoder networks: MLPs or convolutional "
                                                                     "(images with sides divisible by 4)")),
@@ -154,8 +174,35 @@ def _model_options() -> list:
                                                         "pixel)")),
         ("--conditional", "conditional", dict(action="store_true", default=None,
                                               help="a conditional VAE on the class label")),
-        ("--prior", "prior", dict(choices=["standard", "learned"], help="conditional prior p(z|c): N(0, I) or a "
-                                                                        "network of c")),
+        ("--prior", "prior", dict(choices=list(dict.fromkeys(PRIORS + CONDITIONAL_PRIORS)),
+                                  help="p(z) of the VAE or of --hierarchy's top layer: standard N(0, I), mog (K "
+                                       "learned Gaussians), vamp (the VampPrior, K pseudo-inputs), flow (a learned "
+                                       "flow of N(0, I)); with --conditional p(z|c): standard or learned (a network "
+                                       "of c)")),
+        ("--prior-components", "prior_components", dict(type=_positive_int, metavar="K",
+                                                        help="--prior mog: K components (default 10); --prior "
+                                                             "vamp: K pseudo-inputs (default 500)")),
+    ] + _semi_supervised_options()
+
+
+def _semi_supervised_options() -> list:
+    return [
+        ("--semi-supervised", "semi_supervised", dict(action="store_true", default=None,
+                                                      help="the semi-supervised M2 (Kingma et al., 2014): "
+                                                           "--labels N training points keep their labels, the rest "
+                                                           "are unlabelled, y is summed out by --objective enum "
+                                                           "(docs/semi-supervised.md)")),
+        ("--labels", "labels", dict(type=_positive_int, metavar="N",
+                                    help="--semi-supervised: N labelled training points, N // C per class, drawn "
+                                         "with a fixed seed and listed in RUN_DIR/labels.json (required there)")),
+        ("--aux-weight", "aux_weight", dict(type=_non_negative_float, metavar="A",
+                                            help="--semi-supervised: weight of log q(y|x) per labelled point "
+                                                 "(default Kingma et al.'s alpha = 0.1 N, i.e. 0.1 N / N_l per "
+                                                 "labelled point)")),
+        ("--unlabelled-per-labelled", "unlabelled_per_labelled",
+         dict(type=_positive_int, metavar="K", help="--semi-supervised: one labelled minibatch before every K "
+                                                     "unlabelled ones; an epoch is one pass over the unlabelled "
+                                                     "points")),
     ]
 
 
@@ -254,6 +301,11 @@ def _config(given: dict) -> RunConfig:
             raise UsageError(f"{flags} {'builds' if len(vae_options) == 1 else 'build'} the built-in VAE, not "
                              "--model: pass your model's own options in --model-kwargs")
         fields["user_model"] = {"spec": given["model"], "kwargs": given.get("model_kwargs", {})}
+    if given.get("semi_supervised") and "objective" not in given:
+        fields["objective"] = "enum"  # (M2 sums its label out: TraceEnum_ELBO)
+    if "hierarchy" in given and "z_dim" in given:
+        raise UsageError("--z-dim is the single-layer VAE's latent size; --hierarchy D1,D2,... gives the latent "
+                         "sizes of every layer")
     guide_kwargs = {k: given[k] for k in ("rank", "flow_steps") if k in given}
     if guide_kwargs:
         fields["guide_kwargs"] = guide_kwargs
@@ -339,7 +391,7 @@ def _add_sample(sub):
     p.add_argument("--seed", type=int, default=0, help="seed of the prior draws")
     p.add_argument("--draw", action="store_true", help="draw x ~ p(x|z) instead of showing E[x|z]")
     p.add_argument("--label", type=int, default=None,
-                   help="conditional runs: generate only this class (required for them)")
+                   help="conditional and semi-supervised runs: generate only this class (required for them)")
     _add_trust_code(p)
     p.set_defaults(func=_cmd_sample)
 
@@ -347,10 +399,11 @@ def _add_sample(sub):
 def _cmd_sample(args):
     run = load_run(args.run_dir, trust_code=args.trust_code)
     torch.manual_seed(args.seed)
-    if run.config.user_model is not None:
+    if run.config.user_model is not None or run.config.hierarchy is not None:
         return _sample_own_model(run, args)
     if args.label is None and run.vae.grid_conditions() is not None:
-        raise UsageError("this run is conditional: give --label K to choose the class to generate")
+        raise UsageError("this run generates one class at a time (conditional or semi-supervised): give --label K "
+                         "to choose the class")
     suffix = (f"-label{args.label}" if args.label is not None else "") + ("-draw" if args.draw else "")
     out = Path(args.out) if args.out else Path(args.run_dir) / f"samples-{args.n}{suffix}.png"
     try:
@@ -361,7 +414,8 @@ def _cmd_sample(args):
 
 
 def _sample_own_model(run, args):
-    """``pyro-vae sample`` of a run of the user's own model: pyro.infer.Predictive on model(None, batch_size=n)."""
+    """``pyro-vae sample`` of a run of the user's own model or a hierarchy: pyro.infer.Predictive on
+    model(None, batch_size=n)."""
     if args.label is not None:
         raise UsageError("--label applies to conditional runs of the built-in VAE")
     out = Path(args.out) if args.out else Path(args.run_dir) / f"samples-{args.n}{'-draw' if args.draw else ''}.png"
@@ -427,8 +481,9 @@ def _cmd_gradient_variance(args):
         except UntrustedCodeError:
             raise UsageError("the gradient-variance study takes runs of the built-in VAE, not of a model of your "
                              "own (--model)") from None
-        if run.config.conditional:
-            raise UsageError("the gradient-variance study takes unconditional runs")
+        if run.config.conditional or run.config.semi_supervised:
+            raise UsageError("the gradient-variance study takes unconditional runs, not conditional or semi-supervised "
+                             "ones (with a label y)")
         x = prepare_eval_data(run.vae, run.load_data().x_test, run.config.binarize)[: args.batch_size or 64]
         names = args.estimators.split(",") if args.estimators else list(study.DEFAULT_VAE_ESTIMATORS)
         torch.manual_seed(0)
@@ -451,7 +506,8 @@ def _add_gaps(sub):
     p.add_argument("--families", default=None,
                    help="comma-separated posterior families to optimise per point (flow = an IAF; any of "
                         f"{', '.join(sorted(POSTERIORS))}); default {','.join(DEFAULT_FAMILIES)}, and for a model "
-                        f"of your own {','.join(OWN_MODEL_FAMILIES)} over all local latents of a point together")
+                        f"of your own or a hierarchy {','.join(OWN_MODEL_FAMILIES)} over all local latents of a "
+                        "point together")
     p.add_argument("--steps", type=_positive_int, default=500, help="SVI steps of each local optimisation")
     p.add_argument("--test-points", type=_positive_int, default=200, help="the first N test points")
     p.add_argument("--num-samples", type=_positive_int, default=5000, help="importance samples for log p(x)")
@@ -480,8 +536,11 @@ def _gap_families(text: str) -> list[str]:
 
 def _cmd_gaps(args):
     run = load_run(args.run_dir, best=args.checkpoint == "best", trust_code=args.trust_code)
-    own = run.config.user_model is not None
-    families = _gap_families(args.families or ",".join(OWN_MODEL_FAMILIES if own else DEFAULT_FAMILIES))
+    if run.config.semi_supervised:
+        raise UsageError("pyro-vae gaps optimises per-point posteriors q(z|x); a semi-supervised run's posterior "
+                         "q(y, z|x) also holds the label y, which it does not take")
+    traced = run.config.user_model is not None or run.config.hierarchy is not None  # many latent sites
+    families = _gap_families(args.families or ",".join(OWN_MODEL_FAMILIES if traced else DEFAULT_FAMILIES))
     device = resolve_device(args.device)
     vae, data = run.vae.to(device).eval(), run.load_data()
     x = prepare_eval_data(vae, data.x_test.to(device), run.config.binarize)[: args.test_points]
@@ -490,7 +549,7 @@ def _cmd_gaps(args):
     torch.manual_seed(args.seed)
     options = dict(steps=args.steps, num_samples=args.num_samples, num_particles=args.num_particles,
                    elbo_particles=args.elbo_particles, lr=args.lr, progress=True)
-    report = (model_inference_gaps(vae.model, vae.guide, x, families, **options) if own else
+    report = (model_inference_gaps(vae.model, vae.guide, x, families, **options) if traced else
               inference_gaps(vae, x, c, families, **options))
     report.update(run=str(args.run_dir), checkpoint=run.checkpoint, epoch=run.epoch)
     out = Path(args.out or args.run_dir)

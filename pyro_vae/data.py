@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 __all__ = ["Dataset", "DataError", "load_dataset", "check_data", "check_labels", "binarize", "is_binary",
-           "needs_binarization", "prepare_eval_data", "as_batch", "from_arrays", "DATASETS", "default_data_dir"]
+           "needs_binarization", "prepare_eval_data", "as_batch", "from_arrays", "DATASETS", "default_data_dir",
+           "balanced_labels"]
 
 #: the test (and validation) sets of Bernoulli runs are binarized once with this seed
 TEST_BINARIZATION_SEED = 20150101
@@ -167,6 +168,26 @@ def check_labels(y, n: int, num_classes: int | None = None, name: str = "labels"
     if num_classes is not None and n and int(y.max()) >= num_classes:
         raise DataError(f"{name} out of range: {int(y.max())} >= num_classes={num_classes}")
     return y
+
+
+def balanced_labels(y, n: int, num_classes: int, seed: int = 0) -> torch.Tensor:
+    """Indices of ``n`` points balanced per class: n // C of every class and one more of the first n % C
+    classes, each class's points drawn without replacement by a generator seeded with ``seed`` (the same
+    labels for the same data, seed and n). Sorted. The semi-supervised runs' ``--labels N``."""
+    y = check_labels(y, len(y), num_classes)
+    if isinstance(n, bool) or not isinstance(n, int) or not num_classes <= n <= len(y):
+        raise DataError(f"--labels must be an integer from {num_classes} (one per class) to {len(y)} (the training "
+                        f"points), got {n!r}")
+    generator = torch.Generator().manual_seed(int(seed))
+    chosen = []
+    for c in range(num_classes):
+        members = torch.nonzero(y == c)[:, 0]
+        want = n // num_classes + (1 if c < n % num_classes else 0)
+        if want > len(members):
+            raise DataError(f"--labels {n} needs {want} points of class {c}, but the training set has "
+                            f"{len(members)}")
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:want]])
+    return torch.cat(chosen).sort().values
 
 
 def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

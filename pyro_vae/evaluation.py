@@ -8,6 +8,7 @@ of tensors with the same first dimension, split into batches together and passed
 arguments. Everything here runs under :func:`torch.no_grad`.
 
 * :func:`elbo`: ELBO(x_n) = E_q[log p(x_n, z) - log q(z|x_n)], one estimate per point.
+* :func:`enumerated_elbo`: the mean ELBO with the guide's discrete sites summed out (TraceEnum_ELBO; M2).
 * :func:`log_likelihood`: log p(x_n) ~ log (1/K) sum_k p(x_n, z_k)/q(z_k|x_n), K = 5000 by default
   (Burda et al. 2016, sec. 5), in memory-bounded chunks of particles.
 * :func:`active_units`, :func:`latent_activity`: Burda et al.'s activity statistic Cov_x(E_q[z_u|x]).
@@ -28,9 +29,9 @@ import pyro
 from .compiling import Captured
 from .particles import Particles, cells_to_points, draw_particles, guess_plate_nesting, handlers_active
 
-__all__ = ["elbo", "log_likelihood", "chunk_size_for_budget", "bytes_per_particle", "streaming_logsumexp",
-           "posterior_means", "latent_activity", "active_units", "kl_per_dimension", "DEFAULT_MEMORY_BUDGET",
-           "MEMORY_OVERHEAD"]
+__all__ = ["elbo", "enumerated_elbo", "log_likelihood", "chunk_size_for_budget", "bytes_per_particle",
+           "streaming_logsumexp", "posterior_means", "latent_activity", "active_units", "kl_per_dimension",
+           "DEFAULT_MEMORY_BUDGET", "MEMORY_OVERHEAD"]
 
 #: default working-memory budget of :func:`log_likelihood` (bytes).
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
@@ -177,6 +178,25 @@ def elbo(model: Callable, guide: Callable, data, *, num_particles: int = 1, batc
             out.append(p.per_point(p.log_weights.mean(0)))
             bar.update(len(out[-1]))
     return torch.cat(out)
+
+
+def enumerated_elbo(model: Callable, guide: Callable, data, *, num_particles: int = 1,
+                    batch_size: int | None = 256, max_plate_nesting: int = 1) -> float:
+    r"""The ELBO per data point with the guide's enumerated discrete sites summed out exactly, by Pyro's
+    :class:`~pyro.infer.TraceEnum_ELBO` (e.g. M2's label: U(x) = sum_y q(y|x) [L(x, y) - log q(y|x)], the
+    continuous latents by K = ``num_particles`` draws per class):
+
+        mean over points of  E_q[log p(x_n, y, z) - log q(y, z | x_n)],  y summed, z ~ q(z | x_n, y).
+
+    TraceEnum_ELBO returns a sum over a batch, not per point, so this is the mean over all points (a float).
+    """
+    elbo_ = pyro.infer.TraceEnum_ELBO(num_particles=int(num_particles), max_plate_nesting=max_plate_nesting,
+                                      strict_enumeration_warning=False)
+    total, n = 0.0, 0
+    for args in _batches(data, batch_size):
+        total -= elbo_.loss(model, guide, *args)
+        n += len(args[0])
+    return total / n
 
 
 # ---------------------------------------------------------------------------------------------- log p(x)

@@ -24,7 +24,9 @@ with p(z_L) = N(0, I) or a learned prior (:mod:`pyro_vae.priors`) and p(x|z_1) a
   The guide therefore shares the decoder's between-layer networks (and registers them under the same name).
 
 **Objectives.** Every objective of :mod:`pyro_vae.objectives` runs on it through traces, and ``fit(...,
-compile=True)`` captures it. The closed-form KL of :class:`~pyro_vae.objectives.AnalyticKLELBO` is evaluated
+compile=True)`` captures it. DReG and STL keep their properties (unbiased; zero at the exact posterior): their
+log q_sg replays the guide against the latent values with detached parameters, so q(z_2 | z_1)'s dependence on
+z_1 stays in the path derivative (:func:`~pyro_vae.particles.stop_gradient_log_q`). The closed-form KL of :class:`~pyro_vae.objectives.AnalyticKLELBO` is evaluated
 per site at the sampled parents, KL(q(z_l | parents) || p(z_l | z_{l+1})); that is an unbiased estimate of the
 site's term of the ELBO only when the guide samples the model's parents z_{l+1} *before* z_l (true top-down, so
 the ladder VAE gets the closed form for every layer). Bottom-up, z_{l+1} is drawn *given* z_l: the closed
@@ -87,6 +89,11 @@ class HierarchicalVAE(nn.Module):
 
     The VampPrior's components are q(z_L | u_k): exact top-down (q(z_L|x) is a function of x); bottom-up
     along the mean path u -> E[z_1] -> ... -> q(z_L | E[z_{L-1}]).
+
+    The defaults (``hidden_layers=(100, 50)``, ``activation="tanh"``, ``deterministic=None``, bottom-up) are
+    exactly Burda et al.'s two-layer architecture: q(z_1|x) x-200-200-z_1, q(z_2|z_1) z_1-100-100-z_2, and
+    the decoder its mirror, p(z_1|z_2) z_2-100-100-z_1, p(x|z_1) z_1-200-200-x. On the command line:
+    ``pyro-vae train --hierarchy 100,50 --activation tanh`` (docs/cli.md).
     """
 
     def __init__(self, input_shape=(1, 28, 28), hidden_layers=(100, 50), inference: str = "bottom-up",

@@ -36,6 +36,7 @@ builds :class:`Particles`, and imports run one way (data -> building blocks -> v
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -55,12 +56,15 @@ from pyro.poutine.runtime import _PYRO_STACK
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
+from pyro.poutine.messenger import Messenger
 from pyro.util import check_model_guide_match, check_site_shape, get_rng_state, set_rng_state
+
+from .priors import kl_monte_carlo_reason
 
 __all__ = ["Particles", "cells_to_points", "draw_particles", "trace_particles", "particle_twin", "handlers_active", "register_modules",
            "closed_form_kl",
-           "detach_distribution", "guess_plate_nesting", "run_traces", "CellLayout", "PARTICLE_PLATE",
-           "NotReparameterizedError"]
+           "detach_distribution", "stop_gradient_log_q", "stop_gradient_parameters", "guess_plate_nesting",
+           "run_traces", "CellLayout", "PARTICLE_PLATE", "NotReparameterizedError"]
 
 PARTICLE_PLATE = "num_particles_vectorized"
 
@@ -82,6 +86,9 @@ class Particles:
         log_qz_stop: log q(z|x) with q's parameters stop-gradiented (only the path through z carries gradient).
         kl: KL(q || p) per cell: closed form per latent site where registered, else log q - log p.
         kl_monte_carlo: the latent sites whose KL term in ``kl`` is the Monte Carlo log q - log p.
+        kl_monte_carlo_expected: those of them that are Monte Carlo by design: the guide's or the model's
+            distribution carries a ``kl_monte_carlo_reason`` (a learned prior, a bottom-up hierarchical site),
+            so an objective need not warn about them.
         has_plate: whether the cells are data points (a batch plate encloses every site); False means the
             whole batch is one cell, shape ``(K,)``.
     """
@@ -93,6 +100,7 @@ class Particles:
     log_qz_stop: torch.Tensor | None = None
     kl: torch.Tensor | None = None
     kl_monte_carlo: tuple = ()
+    kl_monte_carlo_expected: tuple = ()
     has_plate: bool = True
     gradient_scalers: list = field(default_factory=list, repr=False)
 
@@ -244,6 +252,13 @@ def run_traces(model, guide, args, kwargs, num_particles: int, plate_nesting: in
     """(model_trace, guide_trace, aliases): ``guide`` then ``model`` replayed, under an outermost particle plate
     of size K at dim -(plate_nesting + 1), log densities computed, subsample sites pruned. With ``alias`` the
     model consumes ``z.view_as(z)`` aliases of the latent values (returned by name)."""
+    model_trace, guide_trace, aliases, _ = _run_traces(model, guide, args, kwargs, num_particles, plate_nesting,
+                                                       alias)
+    return model_trace, guide_trace, aliases
+
+
+def _run_traces(model, guide, args, kwargs, num_particles: int, plate_nesting: int, alias: bool):
+    """:func:`run_traces` and the (unpruned) trace the model was replayed against."""
     plate = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(plate_nesting + 1))
     guide_trace = poutine.trace(plate(guide)).get_trace(*args, **kwargs)
     replay_trace, aliases = _aliased(guide_trace) if alias else (guide_trace, {})
@@ -256,7 +271,7 @@ def run_traces(model, guide, args, kwargs, num_particles: int, plate_nesting: in
     if is_validation_enabled():
         for site in list(_sample_sites(model_trace).values()) + list(_sample_sites(guide_trace).values()):
             check_site_shape(site, plate_nesting + 1)
-    return model_trace, guide_trace, aliases
+    return model_trace, guide_trace, aliases, replay_trace
 
 
 def _check_rsample(guide_trace) -> None:
@@ -272,9 +287,12 @@ def trace_particles(model, guide, args, kwargs, num_particles: int, plate_nestin
     """The traced producer: K vectorized particles of any Pyro model/guide, reduced per cell.
 
     Guide-only (auxiliary) sites count in log q(z|x) and in the KL term; with ``stop_q`` the model is replayed
-    against aliases of the latent values (see :meth:`Particles.scale_latent_gradients`).
+    against aliases of the latent values (see :meth:`Particles.scale_latent_gradients`), and log q_sg is
+    :func:`stop_gradient_log_q` at those aliases: each site's distribution detached (one latent site), or the
+    guide replayed with detached parameters (several, e.g. a hierarchy, where q(z_2 | z_1) depends on z_1).
     """
-    model_trace, guide_trace, aliases = run_traces(model, guide, args, kwargs, num_particles, plate_nesting, stop_q)
+    model_trace, guide_trace, aliases, replay_trace = _run_traces(model, guide, args, kwargs, num_particles,
+                                                                  plate_nesting, stop_q)
     if require_rsample:
         _check_rsample(guide_trace)
     layout = CellLayout.from_traces(model_trace, guide_trace, num_particles, plate_nesting)
@@ -284,12 +302,12 @@ def trace_particles(model, guide, args, kwargs, num_particles: int, plate_nestin
     p = Particles(log_px_given_z=layout.sum(observed), log_pz=layout.sum(latent), log_qz=layout.sum(guide_sites),
                   scale=layout.scale, has_plate=bool(layout.kept))
     if stop_q:
-        p.log_qz_stop = layout.sum(guide_sites, {n: detach_distribution(s["fn"]).log_prob(aliases.get(n, s["value"]))
-                                                 for n, s in guide_sites.items()})
+        p.log_qz_stop = layout.sum(guide_sites, stop_gradient_log_q(guide, args, kwargs, guide_trace, aliases,
+                                                                    replay_trace, num_particles, plate_nesting))
         p.gradient_scalers = [_hook_scaler(layout, aliases[n], s["fn"].event_dim)
                               for n, s in _latent_sites(guide_trace).items()]
     if kl:
-        p.kl, p.kl_monte_carlo = _traced_kl(layout, latent, guide_sites)
+        p.kl, p.kl_monte_carlo, p.kl_monte_carlo_expected = _traced_kl(layout, latent, guide_sites)
     return p
 
 
@@ -303,8 +321,9 @@ def _hook_scaler(layout: "CellLayout", alias: torch.Tensor, event_dim: int):
 
 def _traced_kl(layout: "CellLayout", model_latents: dict, guide_sites: dict):
     """Per cell: sum over latent sites of KL(q_s || p_s) (closed form, or log q_s - log p_s), plus log q of
-    guide-only sites. Returns (kl, names of the sites estimated by Monte Carlo)."""
-    terms, monte_carlo = [], []
+    guide-only sites. Returns (kl, names of the sites estimated by Monte Carlo, those of them whose guide or
+    model distribution says why it has no closed form: :func:`~pyro_vae.priors.kl_monte_carlo_reason`)."""
+    terms, monte_carlo, expected = [], [], []
     for name, guide_site in guide_sites.items():
         model_site = model_latents.get(name)
         kl = None if model_site is None else closed_form_kl(guide_site["fn"], model_site["fn"])
@@ -316,8 +335,10 @@ def _traced_kl(layout: "CellLayout", model_latents: dict, guide_sites: dict):
         terms.append(layout.reduce(guide_site, guide_site["unscaled_log_prob"]))
         if model_site is not None:
             monte_carlo.append(name)
+            if kl_monte_carlo_reason(guide_site["fn"]) or kl_monte_carlo_reason(model_site["fn"]):
+                expected.append(name)
             terms.append(-layout.reduce(model_site, model_site["unscaled_log_prob"]))
-    return layout.total(terms), tuple(monte_carlo)
+    return layout.total(terms), tuple(monte_carlo), tuple(expected)
 
 
 # ---------------------------------------------------------------------------------------------- cells
@@ -402,6 +423,126 @@ def _common_factor(ratios: list) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- stop-gradient
+def stop_gradient_log_q(guide, args, kwargs, guide_trace, aliases: dict, replay_trace, num_particles: int,
+                        plate_nesting: int) -> dict:
+    r"""Per guide sample site, log q_sg at its value (the latent's alias): q's density with stop-gradient
+    *parameters*, the path through the latent values kept, so that d log q_sg / d phi = (d log q / d z)(d z / d phi).
+
+    * One latent site: the site's distribution with detached parameters (:func:`detach_distribution`).
+    * Several (a hierarchy: q(z_2 | z_1, x) depends on the latent z_1, which a detached copy would cut): the
+      guide is replayed against the aliases with its parameters detached (:func:`stop_gradient_parameters`), so
+      each site's distribution is rebuilt from the aliases of the latents it reads, and log q_sg is each
+      replayed site's ``log_prob`` at its alias. The replay is hidden from outer handlers (``poutine.block``) and
+      draws no noise. It must reach every parameter: the replayed log q_sg is checked (an autograd graph walk
+      that stops at the aliases) to reach no leaf tensor that requires grad. Where it does (parameters the
+      replay cannot detach: a plain function closing over tensors or over modules), the leaked parameter
+      gradient is cancelled by a second replay at the detached values z' = stop(z):
+
+          log q_sg = log q(z; phi') - log q(z'; phi') + stop(log q(z'; phi'))
+
+      (phi' the parameters as the replay sees them): equal in value, and its gradient with respect to phi is the
+      path term alone, as the two parameter terms cancel (up to rounding).
+    """
+    sites = _sample_sites(guide_trace)
+    if len(_latent_sites(guide_trace)) <= 1:
+        return {n: detach_distribution(s["fn"]).log_prob(aliases.get(n, s["value"])) for n, s in sites.items()}
+    values = {n: aliases.get(n, s["value"]) for n, s in sites.items()}
+    log_q = _replayed_log_q(guide, args, kwargs, replay_trace, sites, values, num_particles, plate_nesting)
+    exempt = [t for t in (*args, *kwargs.values()) if torch.is_tensor(t)]
+    if not _leaves_reached(list(log_q.values()), list(aliases.values()), exempt):
+        return log_q
+    frozen = {n: v.detach() for n, v in values.items()}
+    at_frozen = _replayed_log_q(guide, args, kwargs, replay_trace, sites, frozen, num_particles, plate_nesting)
+    return {n: log_q[n] - at_frozen[n] + at_frozen[n].detach() for n in log_q}
+
+
+def _replayed_log_q(guide, args, kwargs, replay_trace, sites: dict, values: dict, num_particles: int,
+                    plate_nesting: int) -> dict:
+    """The guide replayed (particle plate, hidden from outer handlers, parameters detached) at ``values``; each
+    site's log density at its value."""
+    trace = poutine.Trace()
+    for name, site in replay_trace.nodes.items():  # the plates' subsample indices
+        if site["type"] == "sample" and name not in values:
+            trace.add_node(name, **site)
+    for name, value in values.items():
+        trace.add_node(name, **dict(sites[name], value=value))
+    plate = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(plate_nesting + 1))
+    with poutine.block(), stop_gradient_parameters(_owner(guide)):
+        replayed = poutine.trace(poutine.replay(plate(guide), trace=trace)).get_trace(*args, **kwargs)
+    log_q = {}
+    for name, value in values.items():
+        node = replayed.nodes.get(name)
+        if node is None or node["type"] != "sample":
+            raise RuntimeError(f"replaying the guide with stop-gradient parameters (dreg, stl) did not reach its "
+                               f"sample site {name!r}: the guide must run the same sites when replayed")
+        log_q[name] = node["fn"].log_prob(value)
+    return log_q
+
+
+def _owner(guide) -> torch.nn.Module | None:
+    """The nn.Module a guide belongs to: the guide itself (a module, e.g. an AutoGuide) or its ``__self__``."""
+    owner = guide if isinstance(guide, torch.nn.Module) else getattr(guide, "__self__", None)
+    return owner if isinstance(owner, torch.nn.Module) else None
+
+
+class _StopGradientParams(Messenger):
+    """``pyro.param`` returns its value detached (PyroModule parameters included)."""
+
+    def _pyro_post_param(self, msg) -> None:
+        if torch.is_tensor(msg["value"]):
+            msg["value"] = msg["value"].detach()
+
+
+@contextlib.contextmanager
+def stop_gradient_parameters(owner: torch.nn.Module | None = None):
+    """Within the block, ``pyro.param`` values are detached and so is every parameter of ``owner`` (each
+    submodule reads a detached copy of its parameters). The parameters are unchanged: each module's
+    parameter dict is set aside whole (its order and entries kept) and restored on exit, the detached
+    copies shadowing them as plain attributes meanwhile; ``named_parameters()`` lists none, so
+    ``pyro.module`` registers (and warns about) nothing inside."""
+    swapped = []
+    try:
+        if owner is not None:
+            copies = {}
+            for module in owner.modules():
+                params = module.__dict__.get("_parameters")
+                if not params:
+                    continue
+                swapped.append((module, params))
+                module.__dict__["_parameters"] = {}
+                for name, p in params.items():
+                    if p is not None:
+                        module.__dict__[name] = copies.setdefault(id(p), p.detach())
+        with _StopGradientParams():
+            yield
+    finally:
+        for module, params in reversed(swapped):
+            for name in params:
+                module.__dict__.pop(name, None)
+            module.__dict__["_parameters"] = params
+
+
+def _leaves_reached(outputs: list, stops: list, exempt: list) -> list:
+    """The leaf tensors requiring grad (parameters) that ``outputs`` depend on through autograd, other than
+    through ``stops`` (the latent aliases) and other than the ``exempt`` tensors (the program's inputs)."""
+    stop = {id(t.grad_fn) for t in stops if torch.is_tensor(t) and t.grad_fn is not None}
+    exempt_ids = {id(t) for t in exempt}
+    todo = [t.grad_fn for t in outputs if torch.is_tensor(t) and t.grad_fn is not None]
+    seen, found = {}, []
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen or id(node) in stop:
+            continue
+        seen[id(node)] = node  # (held, so that no id is reused while walking)
+        leaf = getattr(node, "variable", None)
+        if leaf is not None:
+            if id(leaf) not in exempt_ids:
+                found.append(leaf)
+            continue
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
 def detach_distribution(fn: Distribution) -> Distribution:
     """A copy of ``fn`` with stop-gradient parameters: the same density, no gradient to the parameters.
 
@@ -416,8 +557,9 @@ def detach_distribution(fn: Distribution) -> Distribution:
     d sequential network passes per step.
 
     Raises TypeError for other callables (a lambda), whose parameters cannot be reached. The copy treats
-    ``fn``'s parameters as constants: for a guide site whose parameters depend on other latent values (a
-    hierarchical guide), that dependence is cut too.
+    *all* of ``fn``'s parameter tensors as constants: for a guide site whose parameters depend on other latent
+    values (q(z_2 | z_1) of a hierarchical guide) that dependence would be cut too, so the traced producer uses
+    it for one-latent-site guides only and replays a guide with several (:func:`stop_gradient_log_q`).
     """
     return _detach_object(fn, type(fn).__name__, {})
 

@@ -18,7 +18,8 @@ import pyro.poutine as poutine  # noqa: E402
 from . import evaluation  # noqa: E402
 from .data import prepare_eval_data  # noqa: E402
 
-__all__ = ["save_samples", "save_reconstructions", "plot_latent", "plot_curves", "draw_run_figures", "latent_2d"]
+__all__ = ["save_samples", "save_reconstructions", "plot_latent", "plot_curves", "draw_run_figures", "latent_2d",
+           "latent_means", "save_analogies"]
 
 
 def _grid_images(x: torch.Tensor) -> torch.Tensor:
@@ -85,20 +86,36 @@ def latent_2d(z: torch.Tensor, method: str = "pca", seed: int = 0):
     return PCA(2, random_state=seed).fit_transform(z), "PCA"
 
 
-def plot_latent(vae, x: torch.Tensor, labels, path, method: str = "pca", title: str | None = None) -> Path:
-    """The posterior means of ``x`` coloured by label (the "encodings of MNIST" picture); a conditional VAE
-    encodes with the labels as its condition."""
+def latent_means(vae, x: torch.Tensor, labels=None) -> dict:
+    """{site: E_q[z_s | x] of shape (N, d_s)}: the VAE's ``{"z": posterior_mean(x, labels)}``, or for any other
+    model (a hierarchy: z1 .. zL; a model of the user's own) every continuous local latent site of its guide, in
+    the guide's order (:func:`pyro_vae.evaluation.local_site_means`)."""
     with torch.no_grad():
-        z = evaluation.local_site_means(vae.model, vae.guide, x) if _own_model(vae) else vae.posterior_mean(x, labels)
-    pts, how = latent_2d(z, method)
-    fig, ax = plt.subplots(figsize=(6, 5))
+        if not _own_model(vae):
+            return {"z": vae.posterior_mean(x, labels)}
+        sites = evaluation.local_sites(vae.model, vae.guide, (x[:2],))
+        names = [s.name for s in sites if not getattr(s.fn.support, "is_discrete", False)]
+        if not names:
+            raise ValueError("the guide has no continuous local latent site to plot")
+        return {name: evaluation.local_site_means(vae.model, vae.guide, x, site=name) for name in names}
+
+
+def plot_latent(vae, x: torch.Tensor, labels, path, method: str = "pca", title: str | None = None) -> Path:
+    """The posterior means of ``x`` coloured by label (the "encodings of MNIST" picture), one panel per latent
+    site (:func:`latent_means`: a hierarchy's z1 .. zL side by side); a conditional VAE encodes with the labels as
+    its condition."""
+    means = latent_means(vae, x, labels)
+    fig, axes = plt.subplots(1, len(means), figsize=(6 * len(means), 5), squeeze=False)
     c = None if labels is None else labels.cpu().numpy()
-    sc = ax.scatter(pts[:, 0], pts[:, 1], c=c, cmap="tab10", s=6, alpha=0.8)
+    for ax, (name, z) in zip(axes[0], means.items()):
+        pts, how = latent_2d(z, method)
+        sc = ax.scatter(pts[:, 0], pts[:, 1], c=c, cmap="tab10", s=6, alpha=0.8)
+        coordinate = (lambda i: f"{name}_{i}") if name == "z" else (lambda i: f"{name}[{i}]")
+        ax.set_xlabel(f"{how} 1" if how != "z" else coordinate(1))
+        ax.set_ylabel(f"{how} 2" if how != "z" else coordinate(2))
+        ax.set_title(title or f"posterior means E[{name}|x] ({how})")
     if c is not None:
-        fig.colorbar(sc, ax=ax, label="label")
-    ax.set_xlabel(f"{how} 1" if how != "z" else "z_1")
-    ax.set_ylabel(f"{how} 2" if how != "z" else "z_2")
-    ax.set_title(title or f"posterior means E[z|x] ({how})")
+        fig.colorbar(sc, ax=axes[0][-1], label="label")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -145,9 +162,21 @@ def draw_run_figures(run, data=None, latent_method: str = "pca") -> list[Path]:
         save_reconstructions(vae, x_test, d / "reconstructions.png", c=data.y_test),
         plot_latent(vae, x_test[:2000], labels, d / "latent.png", latent_method),
     ]
+    if hasattr(vae, "analogies"):  # the semi-supervised M2
+        paths.append(save_analogies(vae, x_test[:10], d / "analogies.png"))
     if run.metrics:
         paths.append(plot_curves(run.metrics, d / "curves.png"))
     return paths
+
+
+def save_analogies(vae, x: torch.Tensor, path) -> Path:
+    """Kingma et al.'s analogies (2014, Figure 1): one row per test point x, first x itself, then E[x|z, y=k] for
+    every class k with the style z = E_q[z|x, argmax_y q(y|x)] of x kept (:meth:`SemiSupervisedVAE.analogies`)."""
+    with torch.no_grad():
+        grid = vae.analogies(x)  # (N, C, *input_shape)
+    rows = torch.cat([x[:, None], grid], 1).flatten(0, 1)
+    save_image(_grid_images(rows.cpu()), path, nrow=grid.shape[1] + 1, padding=1, pad_value=0.5)
+    return Path(path)
 
 
 def _model_trace(vae, x):

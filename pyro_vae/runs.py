@@ -32,21 +32,26 @@ import pyro
 
 from . import analysis, evaluation, user_model
 from .conditional import ConditionalVAE
-from .config import RunConfig
-from .data import DataError, atomic_write, atomic_write_bytes, load_dataset, needs_binarization, prepare_eval_data
+from .config import DEFAULT_HIDDEN, RunConfig
+from .data import (DataError, atomic_write, atomic_write_bytes, balanced_labels, load_dataset, needs_binarization,
+                   prepare_eval_data)
 from .distributed import setup, teardown
+from .hierarchical import HierarchicalVAE
+from .semisupervised import SemiSupervisedVAE
 from .training import Callback, DivergenceError, fit, module_dtype, resolve_device, resolve_objective
 from .vae import VAE
 
 __all__ = ["Run", "RunWriter", "train_run", "load_run", "evaluate_run", "atomic_write_bytes", "save_checkpoint",
            "load_checkpoint", "read_metrics", "build_vae", "write_eval", "TrainingInterrupted", "CONFIG", "METRICS",
-           "CHECKPOINT", "BEST", "EVAL", "build_model"]
+           "CHECKPOINT", "BEST", "EVAL", "build_model", "build_hierarchy",
+           "latents_from_traces"]
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 EVAL = "eval.json"
+LABELS = "labels.json"  # a semi-supervised run's labelled training points
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -143,6 +148,11 @@ def build_vae(config: RunConfig, input_shape):
     guide_kwargs = dict(config.guide_kwargs)
     if config.scale_param != "softplus":
         guide_kwargs["scale_param"] = config.scale_param
+    if config.semi_supervised:
+        return SemiSupervisedVAE(input_shape=input_shape, num_classes=config.num_classes, z_dim=config.z_dim,
+                                 likelihood=config.likelihood, guide=config.guide, hidden=config.hidden,
+                                 activation=config.activation, sigma=config.sigma, guide_kwargs=guide_kwargs,
+                                 aux_weight=config.aux_weight)
     if config.conditional:
         if not config.num_classes:
             raise ValueError(f"--conditional needs a labelled dataset; {config.dataset!r} has no classes")
@@ -152,11 +162,25 @@ def build_vae(config: RunConfig, input_shape):
                               prior=config.prior, likelihood=config.likelihood, guide=config.guide,
                               hidden=config.hidden, activation=config.activation, sigma=config.sigma,
                               guide_kwargs=guide_kwargs)
-    if config.prior != "standard":
+    if config.prior == "learned":
         raise ValueError("--prior learned applies to conditional VAEs (--conditional)")
+    if config.hierarchy is not None:
+        return build_hierarchy(config, input_shape)
     return VAE(input_shape=input_shape, z_dim=config.z_dim, likelihood=config.likelihood, guide=config.guide,
-               hidden=config.hidden, activation=config.activation, network=config.network,
-               sigma=config.sigma, guide_kwargs=guide_kwargs)
+               hidden=DEFAULT_HIDDEN if config.hidden is None else config.hidden, activation=config.activation,
+               network=config.network, sigma=config.sigma, guide_kwargs=guide_kwargs, prior=config.prior,
+               prior_components=config.prior_components)
+
+
+def build_hierarchy(config: RunConfig, input_shape) -> HierarchicalVAE:
+    """The HierarchicalVAE of ``config.hierarchy`` (latent sizes, z_1 next to x): ``config.hidden`` as the
+    deterministic layers of every stochastic layer, or, when None, HierarchicalVAE's (2 d_l, 2 d_l) (with tanh
+    and latent sizes (100, 50) Burda et al.'s two-layer architecture); the prior is p(z_L)'s."""
+    deterministic = None if config.hidden is None else (tuple(config.hidden),) * len(config.hierarchy)
+    return HierarchicalVAE(input_shape, hidden_layers=config.hierarchy, inference=config.inference,
+                           activation=config.activation, likelihood=config.likelihood, prior=config.prior,
+                           prior_components=config.prior_components, deterministic=deterministic,
+                           sigma=config.sigma)
 
 
 def build_model(config: RunConfig, input_shape, model_class: type | None = None) -> torch.nn.Module:
@@ -207,6 +231,8 @@ def _validate_config(config: RunConfig, model_class: type | None = None):
     data = load_dataset(config.dataset, config.data_dir, config.val_fraction, config.seed, config.download)
     if config.conditional:
         config.num_classes = data.num_classes
+    if config.semi_supervised:
+        _choose_labels(config, data)
     pyro.set_rng_seed(config.seed)  # the initial weights depend on the seed only: runs are reproducible
     vae = build_model(config, data.input_shape, model_class)
     if config.user_model is not None:
@@ -219,6 +245,29 @@ def _validate_config(config: RunConfig, model_class: type | None = None):
     if not needs_binarization(likelihood, data.x_train, config.binarize) and likelihood is not None:
         likelihood.check_data(data.x_train)
     return data, vae, objective, device
+
+
+def _choose_labels(config: RunConfig, data) -> torch.Tensor:
+    """A semi-supervised run's labelled training points: ``config.labels`` indices into the training split,
+    balanced per class, drawn with ``config.label_seed`` (:func:`pyro_vae.data.balanced_labels`). Fills in
+    ``num_classes`` and Kingma et al.'s aux_weight 0.1 N / N_l when none was given."""
+    if data.y_train is None or not data.num_classes:
+        raise ValueError(f"--semi-supervised needs a labelled dataset; {config.dataset!r} has no classes")
+    config.num_classes = data.num_classes
+    chosen = balanced_labels(data.y_train, config.labels, data.num_classes, config.label_seed)
+    if config.aux_weight is None:
+        config.aux_weight = SemiSupervisedVAE.paper_aux_weight(len(data.y_train), config.labels)
+    return chosen
+
+
+def _labels_record(config: RunConfig, data) -> bytes:
+    chosen = _choose_labels(config, data)
+    counts = torch.bincount(data.y_train[chosen], minlength=config.num_classes).tolist()
+    record = {"labels": config.labels, "label_seed": config.label_seed, "num_train": len(data.y_train),
+              "per_class": counts, "indices": chosen.tolist(),
+              "note": "indices into the training split (the dataset's training set less the validation split of "
+                      "val_fraction and seed in config.json); the other training points are unlabelled"}
+    return (json.dumps(record) + "\n").encode()
 
 
 def _user_model_class(config: RunConfig) -> tuple[type | None, bytes | None]:
@@ -274,6 +323,8 @@ def train_run(config: RunConfig, out=None, *, progress: bool = True) -> Path:
             if source is not None:
                 user_model.copy_into_run(run_dir, source)
             atomic_write_bytes(run_dir / CONFIG, config.to_json().encode())
+            if config.semi_supervised:
+                atomic_write_bytes(run_dir / LABELS, _labels_record(config, data))
             (run_dir / METRICS).write_text("")
         except BaseException:
             if created:
@@ -328,6 +379,14 @@ def _train(config, run_dir, data, vae, objective, device, resume_state, progress
     main = setup(device).rank == 0
     train, val = ((data.x_train, data.y_train), (data.x_val, data.y_val)) if config.conditional else \
         (data.x_train, data.x_val)
+    semi = {}
+    if config.semi_supervised:  # the chosen points labelled, the rest unlabelled; val_error on the validation labels
+        chosen = _choose_labels(config, data)
+        unlabelled = torch.ones(len(data.y_train), dtype=torch.bool)
+        unlabelled[chosen] = False
+        train, val = data.x_train[unlabelled], (data.x_val, data.y_val)
+        semi = dict(labelled=(data.x_train[chosen], data.y_train[chosen]),
+                    unlabelled_per_labelled=config.unlabelled_per_labelled)
     writer = [RunWriter(run_dir, config.epochs, config.checkpoint_every, config.checkpoint_steps)] if main else []
     try:
         fit(vae, train, val, objective=objective, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
@@ -335,7 +394,7 @@ def _train(config, run_dir, data, vae, objective, device, resume_state, progress
             kl_warmup=config.kl_warmup, patience=config.patience, init_output_bias=config.init_output_bias,
             binarize_mode=config.binarize, seed=config.seed, device=device, compile=config.compile,
             progress=progress, callbacks=writer,
-            on_nan=config.on_nan, resume_state=resume_state)
+            on_nan=config.on_nan, resume_state=resume_state, **semi)
     except KeyboardInterrupt:
         if main:
             raise TrainingInterrupted(run_dir) from None
@@ -471,26 +530,32 @@ def evaluate_run(run: Run, *, num_samples: int = 5000, batch_size: int = 256, el
     refined by N SVI steps per point as the proposal, and the importance sampler's mean Monte Carlo standard
     error and effective sample size with either proposal (``refined_is_stderr``, ``amortized_is_stderr``, ...).
 
-    A run of the user's own model gets the same from its traces: ``active_units`` (summed over its local latent
-    sites), ``latent_sites`` (per site: ``dims``, ``active_units``, ``kl_per_dimension`` of q's marginals
-    against the model's p; :func:`pyro_vae.evaluation.latent_site_statistics`) and ``kl_per_dimension`` of a
-    single site; ``refine_steps`` applies to the built-in VAE only.
+    A run of the user's own model, a hierarchy (``--hierarchy``) or a learned prior (``--prior mog|vamp|flow``)
+    gets the same from its traces (:func:`latents_from_traces`): ``active_units`` (summed over its local latent
+    sites), ``latent_sites`` (per site, e.g. ``z1`` .. ``zL``: ``dims``, ``active_units``, ``kl_per_dimension``
+    of q's marginals against the model's p at the guide's draws;
+    :func:`pyro_vae.evaluation.latent_site_statistics`) and ``kl_per_dimension`` of a single site (null
+    where p has no Gaussian or factorized marginals: a learned prior); ``refine_steps`` applies to the
+    single-layer built-in VAEs only.
+
+    A semi-supervised run (M2) adds ``test_error`` and ``test_error_stderr`` (:func:`_test_bound`).
     """
     device = resolve_device(device) if isinstance(device, str) else device
     data = run.load_data()
     vae = run.vae.to(device).eval()
-    own = run.config.user_model is not None
-    if own and refine_steps:
-        raise ValueError("--refine-steps refines the built-in VAE's encoder; for a model of your own, pyro-vae gaps "
-                         "optimises per-point posteriors (docs/own-model.md)")
+    own, traced = run.config.user_model is not None, latents_from_traces(run.config)
+    if refine_steps and (own or run.config.hierarchy is not None or run.config.semi_supervised):
+        what = "a model of your own" if own else "a hierarchy" if run.config.hierarchy else "a semi-supervised run"
+        raise ValueError(f"--refine-steps refines the single-layer VAE's encoder, not {what}'s; pyro-vae gaps "
+                         "optimises per-point posteriors over all latents of a hierarchy or a model of your own")
     x = prepare_eval_data(vae, data.x_test.to(device), run.config.binarize)[:max_points].to(module_dtype(vae))
     args = (x, data.y_test.to(device)[: x.shape[0]]) if run.config.conditional else (x,)
     result = {"epoch": run.epoch, "checkpoint": run.checkpoint, "num_test": int(x.shape[0])}
     start = time.perf_counter()
     with torch.no_grad():
-        result["test_elbo"] = float(evaluation.elbo(vae.model, vae.guide, args, num_particles=elbo_particles,
-                                                    batch_size=batch_size).mean())
-        if own:
+        result.update(_test_bound(run.config, vae, args, data.y_test.to(device)[: x.shape[0]], elbo_particles,
+                                  batch_size))
+        if traced:
             result.update(_latent_sites(vae, x, batch_size))
         else:
             result["active_units"] = int(evaluation.active_units(vae, args, batch_size=batch_size))
@@ -511,10 +576,36 @@ def evaluate_run(run: Run, *, num_samples: int = 5000, batch_size: int = 256, el
     return result
 
 
+def _test_bound(config: RunConfig, vae, args: tuple, y, elbo_particles: int, batch_size: int) -> dict:
+    """``test_elbo``, the ELBO per test point (``elbo_particles`` draws of z averaged per point). A semi-supervised
+    run (M2): U(x) per test point with y summed out (TraceEnum_ELBO, ``elbo_particles`` draws of z per class), and
+    ``test_error``, the error of argmax_y q(y|x) on the test labels ``y``, with its binomial standard error
+    ``test_error_stderr``; its ``test_nll`` samples y and z from q(y|x) q(z|x,y), and its latent statistics are
+    those of q(z|x, argmax_y q(y|x))."""
+    if not config.semi_supervised:
+        return {"test_elbo": float(evaluation.elbo(vae.model, vae.guide, args, num_particles=elbo_particles,
+                                                   batch_size=batch_size).mean())}
+    x = args[0]
+    wrong = torch.cat([vae.classify(xb) != yb for xb, yb in zip(x.split(batch_size), y.split(batch_size))])
+    error = float(wrong.double().mean())
+    return {"test_elbo": evaluation.enumerated_elbo(vae.model, vae.guide, x, num_particles=elbo_particles,
+                                                    batch_size=batch_size),
+            "test_error": error, "test_error_stderr": math.sqrt(error * (1 - error) / len(wrong))}
+
+
+def latents_from_traces(config: RunConfig) -> bool:
+    """Whether a run's latent statistics come from its traces, per site (:func:`_latent_sites`): a model of the
+    user's own, a hierarchy (sites z1 .. zL) or a learned prior (no KL to N(0, I) is the model's); the
+    single-layer VAE with p(z) = N(0, I) and the conditional VAE keep their closed forms."""
+    return config.user_model is not None or config.hierarchy is not None or (
+        not config.conditional and config.prior != "standard")
+
+
 def _latent_sites(vae, x, batch_size: int) -> dict:
-    """Latent usage of a model of the user's own, per local latent site
-    (:func:`pyro_vae.evaluation.latent_site_statistics`): ``latent_sites`` {site: dims, active_units,
-    kl_per_dimension}, ``active_units`` summed over the sites, and ``kl_per_dimension`` of a single site."""
+    """Latent usage per local latent site of any model (a model of the user's own, a hierarchy, a learned prior;
+    :func:`pyro_vae.evaluation.latent_site_statistics`): ``latent_sites`` {site: dims, active_units,
+    kl_per_dimension}, ``active_units`` summed over the sites, and ``kl_per_dimension`` of a single site (None
+    where the model's p has no Gaussian or factorized marginals, e.g. a learned prior)."""
     sites = evaluation.latent_site_statistics(vae.model, vae.guide, x, batch_size=batch_size)
     for stats in sites.values():
         stats.pop("activity")

@@ -11,6 +11,14 @@ The parts: :func:`prepare_training_data` (checks, device, binarization mode), :c
 objective, optimizer, random streams and position; what a checkpoint holds), :func:`train_epoch` and
 :func:`guarded_step`, and :class:`Callback` objects for progress, KL warm-up and (in :mod:`pyro_vae.runs`)
 checkpointing. Losses are accumulated on the device; the host reads them once per epoch.
+
+Any ``pyro.infer.ELBO`` with a ``differentiable_loss`` trains any model, ``pyro.infer.TraceEnum_ELBO``
+included: its ``max_plate_nesting``, when not given, is guessed without moving the random streams (resume stays
+exact), and values without gradients (validation) use its ``loss``. Semi-supervised training (M2,
+:class:`~pyro_vae.semisupervised.SemiSupervisedVAE`): ``fit(m2, x_unlabelled, (x_val, y_val),
+labelled=(x_l, y_l), unlabelled_per_labelled=k)``; each epoch is one pass over the unlabelled points with one
+labelled minibatch before every k unlabelled ones (:meth:`TrainingData.batches`), and validation reports
+``val_error`` (the error of the model's ``classify``) and the ELBO of x with y summed out.
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ from .data import DataError, binarize, check_data, check_labels, needs_binarizat
 from .compiling import Captured, gradient_program
 from .distributed import World, all_reduce_sum, average_gradients, setup, shard
 from .objectives import MonteCarloELBO, as_particle_objective, make_objective
+from .particles import guess_plate_nesting
 
 __all__ = ["fit", "check_model", "module_dtype", "TrainState", "TrainingData", "prepare_training_data", "train_epoch", "guarded_step",
            "Callback", "ProgressBar", "KLWarmup", "LRSchedule", "EarlyStopping", "learning_rate", "ObjectiveModule",
@@ -101,8 +110,13 @@ class ObjectiveModule(nn.Module):
         self.vae = vae
         self.objective = as_particle_objective(objective) or objective
         bind = getattr(self.objective, "bind", None)  # a particle objective: its producer chosen once
-        self._loss = (bind(vae.model, vae.guide) if bind is not None
-                      else functools.partial(self.objective.differentiable_loss, vae.model, vae.guide))
+        if bind is not None:
+            self._loss = self._value = bind(vae.model, vae.guide)
+        else:  # a Pyro ELBO: its differentiable_loss, and its loss for values without gradients
+            self._loss, self._value = (
+                _settled_plate_nesting(self.objective, vae.model, vae.guide,
+                                       functools.partial(method, vae.model, vae.guide))
+                for method in (self.objective.differentiable_loss, self.objective.loss))
         self.params = [p for p in vae.parameters() if p.requires_grad]
         self.step = None
         if compile not in COMPILE_MODES:
@@ -110,7 +124,7 @@ class ObjectiveModule(nn.Module):
         if compile:
             tensors = self.params + [b for b in vae.buffers() if b.is_floating_point()]  # (integer buffers, such
             # as a flow's permutation, are structure: recorded as constants)
-            self.step = Captured(gradient_program(self._loss, self.params), lambda: tensors, prepare=self._loss,
+            self.step = Captured(gradient_program(self._loss, self.params), lambda: tensors, prepare=self._value,
                                  compile=compile != "graph", cuda_graphs=any(p.is_cuda for p in self.params),
                                  name="the training step")
 
@@ -130,17 +144,40 @@ class ObjectiveModule(nn.Module):
     def forward(self, *batch):
         return self._loss(*batch)
 
+    def value(self, *batch):
+        """The loss on a minibatch without gradients (a Pyro ELBO's ``loss``: its ``differentiable_loss``
+        refuses a loss that does not require grad, e.g. under ``torch.no_grad``)."""
+        return self._value(*batch)
+
     def loss_and_grads(self, *batch):
         """(loss, gradients of loss / B for ``self.params``) from the captured step (``compile=True``)."""
         loss, *grads = self.step(*batch)
         return loss, grads
 
 
+def _settled_plate_nesting(objective, model, guide, loss):
+    """``loss`` that first fixes a Pyro ELBO's ``max_plate_nesting`` if it was not given: Pyro guesses it by a
+    dry run of model and guide on the first call, which draws from the random stream (a run resumed mid-way
+    would then draw other noise than the uninterrupted one); here the same guess is made by
+    :func:`~pyro_vae.particles.guess_plate_nesting`, which restores the random streams."""
+    if getattr(objective, "max_plate_nesting", None) != math.inf:
+        return loss
+
+    def settled(*batch):
+        if objective.max_plate_nesting == math.inf:
+            nesting = guess_plate_nesting(model, guide, batch, {})
+            vectorized = getattr(objective, "vectorize_particles", False) and objective.num_particles > 1
+            objective.max_plate_nesting = nesting + int(vectorized)  # (Pyro's rule: the particle plate's dim)
+        return loss(*batch)
+
+    return settled
+
+
 @torch.no_grad()
 def mean_loss(objective, vae, args: tuple, batch_size: int = 512) -> float:
     """The objective's loss per data point over the tensors ``args = (x[, c])``, one host sync."""
     module, n = ObjectiveModule(vae, objective), args[0].shape[0]
-    total = sum(module(*(a[i:i + batch_size] for a in args)) for i in range(0, n, batch_size))
+    total = sum(module.value(*(a[i:i + batch_size] for a in args)) for i in range(0, n, batch_size))
     return float(total) / n
 
 
@@ -155,16 +192,45 @@ class TrainingData:
     device: torch.device = torch.device("cpu")
     dynamic: bool = False  # draw a fresh binarization every epoch
     val: tuple | None = None  # validation arguments (x,) or (x, c)
+    labelled: tuple | None = None  # semi-supervised training: the labelled points (x_l, y_l); x is unlabelled
+    unlabelled_per_labelled: int = 1  # k: one labelled minibatch, then k unlabelled ones
 
     def batches(self, generator: torch.Generator, batch_size: int, world: World):
         """This epoch's minibatches as argument tuples: a permutation (and binarization) from ``generator``,
-        each process taking its shard of every global minibatch of ``batch_size * world.size``."""
+        each process taking its shard of every global minibatch of ``batch_size * world.size``.
+
+        Semi-supervised (``labelled`` given): the epoch is one pass over the unlabelled points in minibatches
+        ``(x,)``, and before every k = ``unlabelled_per_labelled`` of them comes one labelled minibatch
+        ``(x_l, y_l)`` of min(batch_size, N_l) points: ceil(m / k) labelled steps for m unlabelled ones (steps
+        L U..U L U..U ...). The labelled points are drawn without replacement from fresh permutations, as many as
+        the epoch needs, so with few labels each labelled point is seen many times per epoch. Everything is drawn
+        from ``generator`` at the epoch's start (a resumed epoch repeats it exactly)."""
         if self.loader is not None:  # items x or (x, y, ...): y is the condition (a plain VAE ignores it)
             return (tuple(t.to(self.device) for t in _loader_item(b)) for b in self.loader)
         xs = binarize(self.x, generator) if self.dynamic else self.x
         perm = torch.randperm(xs.shape[0], generator=generator, device=xs.device)
         arrays = (xs,) if self.c is None else (xs, self.c)
-        return (tuple(a[shard(idx, world)] for a in arrays) for idx in perm.split(batch_size * world.size))
+        steps = (tuple(a[shard(idx, world)] for a in arrays) for idx in perm.split(batch_size * world.size))
+        return steps if self.labelled is None else self._interleaved(steps, generator, batch_size, world)
+
+    def _interleaved(self, unlabelled, generator: torch.Generator, batch_size: int, world: World):
+        """One labelled minibatch before every ``unlabelled_per_labelled`` unlabelled ones (see :meth:`batches`);
+        every random draw of the epoch is made here, before the first batch is yielded."""
+        x_l, y_l = self.labelled
+        x_l = binarize(x_l, generator) if self.dynamic else x_l
+        size, k = min(batch_size, x_l.shape[0]) * world.size, self.unlabelled_per_labelled
+        needed = -(-_num_batches(self.x.shape[0], batch_size * world.size) // k) * size
+        stream = torch.cat([torch.randperm(x_l.shape[0], generator=generator, device=x_l.device)
+                            for _ in range(-(-needed // x_l.shape[0]))])[:needed]
+        labelled = ((x_l[idx], y_l[idx]) for idx in (shard(i, world) for i in stream.split(size)))
+        for j, batch in enumerate(unlabelled):
+            if j % k == 0:
+                yield next(labelled)
+            yield batch
+
+
+def _num_batches(n: int, batch_size: int) -> int:
+    return -(-n // batch_size)
 
 
 def _loader_item(item) -> tuple:
@@ -227,12 +293,16 @@ def _tensor_data(vae, data, name: str, device):
     return x, (None if c is None else c.to(device))
 
 
-def prepare_training_data(vae, train, val=None, binarize_mode: str = "auto", device="cpu") -> TrainingData:
+def prepare_training_data(vae, train, val=None, binarize_mode: str = "auto", device="cpu", labelled=None,
+                          unlabelled_per_labelled: int = 1) -> TrainingData:
     """Check the data once (shape, finiteness, the likelihood's support, conditions) and move it to ``device``.
 
     ``train``/``val`` are tensors or numpy arrays, pairs ``(x, c)`` for a conditional VAE, or a DataLoader of
     ``x`` or ``(x, y)`` items. A binary likelihood's grayscale training data are binarized afresh every epoch
-    (dynamic binarization) and the validation data once with a fixed seed."""
+    (dynamic binarization) and the validation data once with a fixed seed. Semi-supervised training:
+    ``train`` is the unlabelled x and ``labelled`` the pair ``(x_l, y_l)`` (see :meth:`TrainingData.batches`)."""
+    if labelled is not None:
+        return _semi_supervised_data(vae, train, val, binarize_mode, device, labelled, unlabelled_per_labelled)
     if isinstance(train, torch.utils.data.DataLoader):
         first = next(iter(train), None)
         if first is None:
@@ -248,6 +318,24 @@ def prepare_training_data(vae, train, val=None, binarize_mode: str = "auto", dev
     if val is not None and not isinstance(val, torch.utils.data.DataLoader):
         vx, vc = _tensor_data(vae, val, "validation data", device)
         data.val = (prepare_eval_data(vae, vx, binarize_mode),) + (() if vc is None else (vc,))
+    return data
+
+
+def _semi_supervised_data(vae, train, val, binarize_mode, device, labelled, unlabelled_per_labelled):
+    if isinstance(train, torch.utils.data.DataLoader) or isinstance(train, (tuple, list)):
+        raise DataError("semi-supervised training (labelled=) takes the unlabelled points as one tensor x")
+    if not isinstance(labelled, (tuple, list)) or len(labelled) != 2:
+        raise DataError("labelled must be a pair (x, y) of labelled points and their labels")
+    k = unlabelled_per_labelled
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"unlabelled_per_labelled must be a positive integer, got {k!r}")
+    data = prepare_training_data(vae, train, val, binarize_mode, device)
+    x_l, y_l = _tensor_data(vae, labelled, "labelled data", device)
+    if y_l is None:
+        raise DataError(f"the labelled data need labels y the model reads ({type(vae).__name__} takes none)")
+    if not data.dynamic and getattr(vae, "likelihood", None) is not None:
+        vae.likelihood.check_data(x_l)
+    data.labelled, data.unlabelled_per_labelled = (x_l, y_l), k
     return data
 
 
@@ -514,13 +602,37 @@ def train_epoch(state: TrainState, data: TrainingData, batch_size: int, guard: s
 
 
 def _validate(state: TrainState, data: TrainingData, metrics: dict) -> None:
-    """The ELBO per validation point (one reparameterized sample), on rank 0."""
+    """The ELBO per validation point (one reparameterized sample; under an enumerating objective, discrete
+    latents summed out), on rank 0. A model that classifies (a ``classify(x)`` method, e.g. M2) with labelled
+    validation data ``(x, y)`` gets ``val_error``, the error of ``classify`` on them, and the ELBO of x alone."""
     if data.val is None or state.world.rank != 0:
         return
+    args = data.val
+    classify = getattr(state.vae, "classify", None)
+    if callable(classify) and len(args) == 2:
+        args, labels = args[:1], args[1]
+        with torch.no_grad():
+            metrics["val_error"] = float((classify(args[0]) != labels).double().mean())
     with pyro.validation_enabled(False):
-        metrics["val_elbo"] = -mean_loss(MonteCarloELBO(), state.vae, data.val)
+        metrics["val_elbo"] = -mean_loss(_validation_objective(state.objective), state.vae, args)
     if not math.isfinite(metrics["val_elbo"]):
         raise DivergenceError(f"the validation ELBO of epoch {metrics['epoch']} is {metrics['val_elbo']}")
+
+
+def _validation_objective(objective) -> pyro.infer.ELBO:
+    """The ELBO with one particle: Pyro's TraceEnum_ELBO (the training objective's plate nesting) when training
+    enumerates, else :class:`~pyro_vae.objectives.MonteCarloELBO`."""
+    if isinstance(objective, pyro.infer.TraceEnum_ELBO):
+        return pyro.infer.TraceEnum_ELBO(max_plate_nesting=objective.max_plate_nesting,
+                                         strict_enumeration_warning=False)
+    return MonteCarloELBO()
+
+
+def _check_enumeration(vae, objective) -> None:
+    """A model with discrete latents to sum out (``needs_enumeration``, e.g. M2) trains with TraceEnum_ELBO."""
+    if getattr(vae, "needs_enumeration", False) and not isinstance(objective, pyro.infer.TraceEnum_ELBO):
+        raise ValueError(f"{type(vae).__name__} sums its discrete latents out exactly: train it with "
+                         f"pyro.infer.TraceEnum_ELBO (objective='enum'), not {type(objective).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------- fit
@@ -528,7 +640,8 @@ def fit(vae, train, val=None, *, objective="analytic", epochs: int = 10, batch_s
         lr_schedule: str = "constant", lr_final: float | None = None, adam_eps: float = 1e-8, kl_warmup: int = 0,
         patience: int | None = None, init_output_bias: str = "data-mean", binarize_mode: str = "auto",
         on_nan: str = "stop", seed: int = 0, device="cpu", compile: bool = False, progress: bool = True,
-        callbacks=(), resume_state: dict | None = None, **objective_options) -> list[dict]:
+        callbacks=(), resume_state: dict | None = None, labelled=None, unlabelled_per_labelled: int = 1,
+        **objective_options) -> list[dict]:
     """Train ``vae`` by SVI on ``train`` (tensor, numpy array, ``(x, c)`` pair or DataLoader); per-epoch metrics.
 
     ``vae`` is any ``torch.nn.Module`` with Pyro programs ``model(x)`` and ``guide(x)`` (``(x, c)`` with
@@ -562,16 +675,15 @@ def fit(vae, train, val=None, *, objective="analytic", epochs: int = 10, batch_s
     ``resume_state`` (a checkpoint) continues a run exactly where it stopped, random streams included, so
     the result equals an uninterrupted run. ``on_nan="stop"`` raises :class:`DivergenceError` at the first
     non-finite loss; ``"skip"`` drops such steps (counted in ``skipped_steps``; more than half of an epoch is
-    an error). Under ``torchrun`` the gradients are averaged across processes by DistributedDataParallel; each
-    process takes ``batch_size`` points of every global minibatch of ``batch_size * world_size``.
-    """
+    an error). Semi-supervised (M2): ``train`` is unlabelled, ``labelled=(x_l, y_l)``, ``unlabelled_per_labelled``
+    (module docstring). Under ``torchrun`` the gradients are averaged across processes by DDP; each process takes
+    ``batch_size`` points of every global minibatch of ``batch_size * world_size``."""
     device = resolve_device(device) if isinstance(device, str) else device
     check_model(vae)
     objective = resolve_objective(objective, **objective_options)
-    _check_options(epochs, batch_size, lr, on_nan, kl_warmup, objective)
-    _check_lr_schedule(lr_schedule, lr_final, lr)
+    _check_options(epochs, batch_size, lr, on_nan, kl_warmup, objective, vae, lr_schedule, lr_final)
     world = setup(device)
-    data = prepare_training_data(vae, train, val, binarize_mode, device)
+    data = prepare_training_data(vae, train, val, binarize_mode, device, labelled, unlabelled_per_labelled)
     if resume_state is None:
         _init_output_bias(vae, data, init_output_bias)
     if kl_warmup:
@@ -683,10 +795,12 @@ def _check_lr_schedule(lr_schedule, lr_final, lr) -> None:
         raise ValueError(f"lr_final must be in (0, lr = {lr}] (cosine: [0, lr]), got {lr_final}")
 
 
-def _check_options(epochs, batch_size, lr, on_nan, kl_warmup, objective) -> None:
+def _check_options(epochs, batch_size, lr, on_nan, kl_warmup, objective, vae, lr_schedule, lr_final) -> None:
     if batch_size < 1 or epochs < 0 or not lr > 0:
         raise ValueError(f"need batch_size >= 1, epochs >= 0 and lr > 0 (got {batch_size}, {epochs}, {lr})")
     if on_nan not in ("stop", "skip"):
         raise ValueError(f"on_nan must be 'stop' or 'skip', got {on_nan!r}")
     if kl_warmup and not hasattr(objective, "beta"):
         raise ValueError("kl_warmup needs an objective with a KL weight beta (e.g. objective='analytic')")
+    _check_lr_schedule(lr_schedule, lr_final, lr)
+    _check_enumeration(vae, objective)

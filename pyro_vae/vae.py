@@ -37,7 +37,7 @@ from .guides import POSTERIORS, LocalPosterior, make_posterior, marginal_moments
 from .likelihoods import make_likelihood
 from .networks import make_networks
 from .particles import NotReparameterizedError, Particles, closed_form_kl, detach_distribution, register_modules
-from .priors import make_prior
+from .priors import kl_monte_carlo_reason, make_prior
 
 __all__ = ["VAE", "as_batch"]
 
@@ -245,7 +245,11 @@ class VAE(nn.Module):
             p.gradient_scalers = [lambda w: _scale_gradient(z, w, q.event_dim)]
         if kl:
             p.kl = p.log_qz - p.log_pz if closed is None else closed.expand_as(log_px)
-            p.kl_monte_carlo = ("z",) if closed is None else ()
+            if closed is None:  # Monte Carlo; by design where the prior or q says why (then no warning)
+                p.kl_monte_carlo = ("z",)
+                if kl_monte_carlo_reason(self.prior(cond) if prior is None else prior) or \
+                        kl_monte_carlo_reason(self.posterior(params)):
+                    p.kl_monte_carlo_expected = ("z",)
         return p
 
     def standard_prior(self, cond=None) -> bool:

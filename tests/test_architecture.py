@@ -11,7 +11,7 @@ LAYERS = [
     {"config", "distributed", "data", "compiling"},
     {"networks", "likelihoods", "guides", "priors", "particles", "score_function"},
     {"vae", "hierarchical"},
-    {"conditional"},
+    {"conditional", "semisupervised"},
     {"objectives", "objectives.kl", "objectives.bounds", "objectives.base", "objectives.elbo",
      "objectives.analytic_kl", "objectives.renyi", "objectives.iwae", "objectives.fisher"},
     {"evaluation"},

@@ -75,8 +75,11 @@ class ParticleObjective(ELBO):
         return int(self.max_plate_nesting)
 
     def _warn_monte_carlo_kl(self, particles: Particles) -> None:
+        """Warn once per site whose KL falls back to Monte Carlo, unless the particles say the fallback is by
+        design there (``Particles.kl_monte_carlo_expected``: the site's guide or model distribution carries a
+        ``kl_monte_carlo_reason``, e.g. a learned prior, which has no closed form)."""
         for name in particles.kl_monte_carlo:
-            if name not in self._warned_sites:
+            if name not in self._warned_sites and name not in particles.kl_monte_carlo_expected:
                 self._warned_sites.add(name)
                 warnings.warn(f"{type(self).__name__}: no closed-form KL registered for latent site {name!r}; "
                               "using the Monte Carlo estimate log q(z) - log p(z) for it", RuntimeWarning,

@@ -25,8 +25,9 @@ class RenyiBound(ParticleObjective):
     The K particles are drawn in one vectorized pass; log weights are summed over sites per *cell* (the data
     points of the batch plate) and the power mean over particles is taken per cell. ``loss`` returns the
     bound's value; ``differentiable_loss`` a tensor with the same value whose gradient is the estimator.
-    "q with stop-gradient parameters" (dreg, stl) rebuilds each guide distribution with detached parameters
-    (:func:`~pyro_vae.particles.detach_distribution`), flows included.
+    "q with stop-gradient parameters" (dreg, stl) is :func:`~pyro_vae.particles.stop_gradient_log_q`: the guide
+    distribution rebuilt with detached parameters, flows included, for one latent site; for several (a
+    hierarchy) the guide replayed against the latent values with detached parameters.
 
     :param float alpha: in [0, 1).
     :param int num_particles: K.
