@@ -35,12 +35,12 @@ from pyro_vae.plots import save_analogies, save_samples
 
 
 def supervised_baseline(input_shape, num_classes, hidden, x, y, x_val, y_val, steps: int, lr: float,
-                        dynamic: bool):
-    """q(y|x)'s architecture trained by cross-entropy on the labelled (x, y) alone (full batches, Adam; binarized
-    afresh every step when M2's data are, ``dynamic``); the weights of the step with the lowest validation error
-    are kept."""
+                        dynamic: bool, activation: str = "relu"):
+    """q(y|x)'s architecture (an MLP of ``hidden`` units with ``activation``) trained by cross-entropy on the
+    labelled (x, y) alone (full batches, Adam; binarized afresh every step when M2's data are, ``dynamic``); the
+    weights of the step with the lowest validation error are kept."""
     torch.manual_seed(0)
-    net = MLPEncoder(input_shape, num_classes, hidden)
+    net = MLPEncoder(input_shape, num_classes, hidden, activation)
     optim = torch.optim.Adam(net.parameters(), lr=lr)
     best, best_state = float("inf"), copy.deepcopy(net.state_dict())
     for step in range(steps):

@@ -134,7 +134,7 @@ def _json_object(text: str) -> dict:
 #: train options that build the built-in VAE: a model of the user's own (--model) takes --model-kwargs instead
 _VAE_OPTIONS = ("z_dim", "hidden", "activation", "network", "likelihood", "sigma", "guide", "rank", "flow_steps",
                 "scale_param", "conditional", "prior", "prior_components", "hierarchy", "inference", "semi_supervised",
-                "labels", "aux_weight", "unlabelled_per_labelled")
+                "labels", "label_seed", "aux_weight", "unlabelled_per_labelled")
 
 
 def _model_options() -> list:
@@ -194,7 +194,10 @@ def _semi_supervised_options() -> list:
                                                            "(docs/semi-supervised.md)")),
         ("--labels", "labels", dict(type=_positive_int, metavar="N",
                                     help="--semi-supervised: N labelled training points, N // C per class, drawn "
-                                         "with a fixed seed and listed in RUN_DIR/labels.json (required there)")),
+                                         "with --label-seed and listed in RUN_DIR/labels.json (required there)")),
+        ("--label-seed", "label_seed", dict(type=_non_negative_int, metavar="S",
+                                            help="--semi-supervised: seed of the draw of the labelled points (another "
+                                                 "S, another set of --labels N points)")),
         ("--aux-weight", "aux_weight", dict(type=_non_negative_float, metavar="A",
                                             help="--semi-supervised: weight of log q(y|x) per labelled point "
                                                  "(default Kingma et al.'s alpha = 0.1 N, i.e. 0.1 N / N_l per "

@@ -161,8 +161,8 @@ class RunConfig:
     def _check_semi_supervised(self) -> None:
         if not self.semi_supervised:
             given = [flag for flag, on in (("--labels", self.labels is not None), ("--aux-weight",
-                     self.aux_weight is not None), ("--unlabelled-per-labelled", self.unlabelled_per_labelled != 1))
-                     if on]
+                     self.aux_weight is not None), ("--unlabelled-per-labelled", self.unlabelled_per_labelled != 1),
+                     ("--label-seed", self.label_seed != 0)) if on]
             if given:
                 raise ValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to "
                                  "--semi-supervised runs")
@@ -174,6 +174,8 @@ class RunConfig:
             raise ValueError(f"--aux-weight must be a number >= 0, got {self.aux_weight}")
         if self.unlabelled_per_labelled < 1:
             raise ValueError(f"--unlabelled-per-labelled must be at least 1, got {self.unlabelled_per_labelled}")
+        if isinstance(self.label_seed, bool) or not isinstance(self.label_seed, int) or self.label_seed < 0:
+            raise ValueError(f"--label-seed must be an integer >= 0, got {self.label_seed!r}")
         if self.objective != "enum":
             raise ValueError(f"--semi-supervised sums the label out with TraceEnum_ELBO (--objective enum), not "
                              f"--objective {self.objective}")

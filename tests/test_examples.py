@@ -295,3 +295,67 @@ def test_semi_supervised_example_quick_beats_the_classifier_on_the_labels_alone(
     assert_learned(result["vs_supervised"], "M2 over the supervised-only classifier (accuracy)")
     assert_learned(result["learned"], "M2's ELBO")
     assert (tmp_path / "analogies.png").exists() and (tmp_path / "samples-label3.png").exists()
+
+
+@pytest.mark.slow  # (about 5 s: three trainings through the command line, each drawing its figures)
+def test_semi_supervised_mnist_benchmark_quick_trains_evaluates_resumes_and_reports(tmp_path):
+    """benchmarks/semi_supervised_mnist.py --quick: runs m2-l30-s0 and m2-l30-s1 trained through the command line
+    with their own label draws (labels.json = balanced_labels with that seed), both classifiers better than
+    guessing (10 classes: error 0.9) by 3 standard errors, the paired difference equal to the difference of the
+    errors; run again with a larger --epochs it continues the same runs, and --report prints their table."""
+    from pyro_vae.data import balanced_labels
+
+    out = tmp_path / "m2"
+    bench = _load(ROOT / "benchmarks" / "semi_supervised_mnist.py")
+    rows = bench.main(["--quick", "--quiet", "--out", str(out)])["rows"]
+    assert [(r["run"], r["labels"], r["label_seed"], r["epochs"]) for r in rows] == \
+        [("m2-l30-s0", 30, 0, 2), ("m2-l30-s1", 30, 1, 2)]
+    digits = pyro_vae.load_dataset("digits")
+    draws = [json.loads((out / r["run"] / "labels.json").read_text())["indices"] for r in rows]
+    assert draws == [balanced_labels(digits.y_train, 30, 10, seed=s).tolist() for s in (0, 1)] and draws[0] != draws[1]
+    for r in rows:
+        for key in ("test_error", "test_error_stderr", "baseline_test_error", "baseline_test_error_stderr"):
+            assert 0 <= r[key] <= 1, (key, r[key])
+        assert r["test_error"] < 0.9 - 3 * r["test_error_stderr"]  # M2 learned to classify
+        assert r["baseline_test_error"] < 0.9 - 3 * r["baseline_test_error_stderr"]
+        assert r["m2_minus_baseline"]["mean"] == pytest.approx(r["test_error"] - r["baseline_test_error"])
+        assert r["num_test"] == len(digits.y_test) and r["train_seconds"] > 0
+
+    again = bench.main(["--quick", "--quiet", "--out", str(out), "--seeds", "0", "--epochs", "3"])["rows"]
+    assert [(r["run"], r["epochs"]) for r in again] == [("m2-l30-s0", 3)]
+    assert [json.loads(line)["epoch"] for line in (out / "m2-l30-s0" / "metrics.jsonl").read_text().splitlines()] \
+        == [1, 2, 3]
+    with pytest.raises(SystemExit, match="lr: 0.01 there, 0.5 asked"):  # not resumed with other settings
+        bench.main(["--quick", "--quiet", "--out", str(out), "--seeds", "0", "--lr", "0.5"])
+    table = bench.main(["--report", "--out", str(out)])["report"]
+    assert "| 30 | 2 |" in table and "m2-l30-s0 | 3 |" in table and "m2-l30-s1 | 2 |" in table
+    assert "--label-seed 0" in table  # the command beside the table
+
+
+def test_semi_supervised_mnist_report_averages_over_label_draws(tmp_path):
+    """--report: per label count the mean ± sample standard deviation over the label draws (in percent), one draw
+    with its own standard error, Kingma et al.'s M2 column beside it, the range of epochs; one row per run."""
+    import statistics
+
+    bench = _load(ROOT / "benchmarks" / "semi_supervised_mnist.py")
+    errors = {(100, 0): (0.10, 0.30), (100, 1): (0.12, 0.25), (100, 2): (0.17, 0.32), (600, 0): (0.05, 0.12)}
+    for (n, s), (m2, alone) in errors.items():
+        record = {"run": bench.run_name(n, s), "labels": n, "label_seed": s, "epochs": 5 + s, "train_seconds": 90.0,
+                  "median_epoch_seconds": 18.0, "val_error": 0.2, "test_error": m2, "test_error_stderr": 0.003,
+                  "baseline_test_error": alone, "baseline_test_error_stderr": 0.004,
+                  "m2_minus_baseline": {"mean": m2 - alone, "stderr": 0.005},
+                  "driver_command": "python benchmarks/semi_supervised_mnist.py --epochs 5",
+                  "train_command": f"pyro-vae train --semi-supervised --labels {n} --label-seed {s}"}
+        (tmp_path / f"{record['run']}.json").write_text(json.dumps(record))
+    table = bench.main(["--report", "--out", str(tmp_path)])["report"]
+
+    def cell(values):
+        return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
+
+    m2 = [errors[100, s][0] for s in range(3)]
+    alone = [errors[100, s][1] for s in range(3)]
+    assert (f"| 100 | 3 | {cell(m2)} | {cell(alone)} | {cell([a - b for a, b in zip(m2, alone)])} | 11.97 ± 1.71 | "
+            "5–7 | 1.5 min |") in table
+    assert "| 600 | 1 | 5.00 (± 0.30 s.e.) | 12.00 (± 0.40 s.e.) | -7.00 (± 0.50 s.e.) | 4.94 ± 0.13 | 5 |" in table
+    assert "| m2-l100-s2 | 7 | 1.5 min | 18.0 | 0.1700 ± 0.0030 | 0.3200 ± 0.0040 | -0.1500 ± 0.0050 | 0.2000 |" in table
+    assert "python benchmarks/semi_supervised_mnist.py --epochs 5" in table

@@ -366,6 +366,8 @@ def test_cli_semi_supervised_resume_and_plot(tmp_path):
     (["--semi-supervised", "--labels", "20", "--objective", "analytic"], "--objective enum"),
     (["--semi-supervised", "--labels", "20", "--conditional"], "does not take --conditional"),
     (["--semi-supervised", "--labels", "20", "--aux-weight", "-1"], "expected a number >= 0"),
+    (["--label-seed", "2"], "--label-seed applies to --semi-supervised"),
+    (["--semi-supervised", "--labels", "20", "--label-seed", "-1"], "--label-seed: expected a non-negative integer"),
 ])
 def test_cli_semi_supervised_bad_options_exit_2_naming_them(tmp_path, capsys, argv, message):
     from pyro_vae.cli import main
@@ -375,6 +377,27 @@ def test_cli_semi_supervised_bad_options_exit_2_naming_them(tmp_path, capsys, ar
     code = caught.value.code if "-1" in argv else code
     assert code == 2 and not (tmp_path / "run").exists()
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_cli_label_seed_draws_another_set_of_labels_and_is_fixed_on_resume(tmp_path, capsys):
+    """train --label-seed 3: config.json and labels.json record seed 3 and the points balanced_labels draws with
+    it (not seed 0's); a resumed run cannot change it; RunConfig refuses a negative or non-integer seed."""
+    from pyro_vae import RunConfig
+    from pyro_vae.cli import main
+    from pyro_vae.data import balanced_labels
+
+    run = tmp_path / "run"
+    assert main(["train", "--semi-supervised", "--labels", "20", "--label-seed", "3", *FAST, "--out", str(run)]) == 0
+    y = load_dataset("digits").y_train
+    record = json.loads((run / "labels.json").read_text())
+    assert json.loads((run / "config.json").read_text())["label_seed"] == 3 and record["label_seed"] == 3
+    assert record["indices"] == balanced_labels(y, 20, 10, seed=3).tolist() != balanced_labels(y, 20, 10).tolist()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--label-seed", "4", "--no-progress"]) == 2
+    assert "--label-seed cannot change a run being resumed" in capsys.readouterr().err
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="--label-seed must be an integer >= 0"):
+            RunConfig(semi_supervised=True, labels=20, objective="enum", label_seed=bad).check()
 
 
 @contextlib.contextmanager

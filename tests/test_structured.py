@@ -2,6 +2,7 @@
 against direct formulas, the VAE's twin against traces for every prior, training with and without capture, and the
 two examples' quick modes."""
 import importlib.util
+import json
 import math
 import sys
 import warnings
@@ -498,3 +499,24 @@ def test_the_plain_two_layer_reference_trains_resumes_bit_exactly_and_bounds_its
     # the importance-sampled log p(x) is at least the ELBO on average: NLL <= -ELBO (up to the estimators' noise)
     assert direct["test_nll"] <= -direct["test_elbo"] + 3 * direct["test_nll_stderr"]
     assert len(direct["active_units_per_layer"]) == 2 and len(direct["kl_per_layer"]) == 2
+
+
+def test_the_structured_mnist_benchmark_runs_through_the_command_line_and_reports_paired_rows(tmp_path):
+    """benchmarks/structured_mnist.py --quick: every run trains by `pyro-vae train`, is evaluated, and the report
+    has the paired rows; running again resumes (no retraining) and gives the same table."""
+    bench = _load(ROOT / "benchmarks" / "structured_mnist.py")
+    table = bench.main(["--quick", "--out", str(tmp_path), "--runs", "vae2,vae2-td"])
+    assert "two-layer VAE (k=1), top-down" in table and "z1:" in table and "z2:" in table
+    saved = {n: json.loads((tmp_path / f"{n}.json").read_text()) for n in ("vae2", "vae2-td")}
+    for r in saved.values():
+        assert r["epochs"] == 1 and r["num_test"] == 50 and len(r["per_point_nll"]) == 50
+        assert set(r["latent_sites"]) == {"z1", "z2"} and r["command"].startswith("pyro-vae train --hierarchy 8,4")
+    assert bench.main(["--quick", "--out", str(tmp_path), "--report"]) == table
+
+
+@pytest.mark.slow
+def test_the_structured_speed_benchmark_times_captured_fit_against_the_reference(tmp_path):
+    rows = _load(ROOT / "benchmarks" / "structured_mnist.py").main(["--quick", "--speed", "--reps", "1",
+                                                                   "--out", str(tmp_path)])
+    assert [r["k"] for r in rows] == [1, 5]
+    assert all(r["captured_s"] > 0 and r["reference_s"] > 0 and r["compile_s"] is not None for r in rows)
