@@ -14,18 +14,10 @@ import argparse
 import copy
 
 import pyro
-import torch
 
 import pyro_vae
-from pyro_vae.analysis import mean_and_stderr
+from pyro_vae.analysis import learning_report
 from pyro_vae.data import prepare_eval_data
-from pyro_vae.evaluation import elbo, log_likelihood
-
-
-def evaluate(model, x, num_samples: int) -> dict:
-    torch.manual_seed(1)
-    return {"elbo": elbo(model.model, model.guide, x, num_particles=10),
-            "log_px": log_likelihood(model.model, model.guide, x, num_samples=num_samples, progress=False)}
 
 
 def run(inference: str, data, quick: bool) -> dict:
@@ -39,11 +31,7 @@ def run(inference: str, data, quick: bool) -> dict:
                  batch_size=32 if quick else 64, lr=3e-3 if quick else 1e-3, progress=False,
                  compile="graph" if quick else False)
     x = prepare_eval_data(model, data.x_test)[: 120 if quick else None]
-    trained, before = evaluate(model, x, 100 if quick else 2000), evaluate(untrained, x, 100 if quick else 2000)
-    return {"test_elbo": float(trained["elbo"].mean()), "test_nll": float(-trained["log_px"].mean()),
-            "untrained_elbo": float(before["elbo"].mean()), "untrained_nll": float(-before["log_px"].mean()),
-            "learned": mean_and_stderr(trained["elbo"] - before["elbo"]),
-            "learned_log_px": mean_and_stderr(trained["log_px"] - before["log_px"])}
+    return learning_report(model, untrained, x, num_samples=100 if quick else 2000)
 
 
 def main(argv=None) -> dict:

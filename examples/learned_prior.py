@@ -13,21 +13,13 @@ import argparse
 import copy
 
 import pyro
-import torch
 
 import pyro_vae
-from pyro_vae.analysis import mean_and_stderr
+from pyro_vae.analysis import learning_report
 from pyro_vae.data import prepare_eval_data
-from pyro_vae.evaluation import elbo, log_likelihood
 
 PRIORS = [("standard", {}), ("mog", {"prior_components": 10}), ("vamp", {"prior_components": 50}),
           ("flow", {"prior_kwargs": {"flow_steps": 2}})]
-
-
-def evaluate(vae, x, num_samples: int) -> dict:
-    torch.manual_seed(1)
-    return {"elbo": elbo(vae.model, vae.guide, x, num_particles=10),
-            "log_px": log_likelihood(vae.model, vae.guide, x, num_samples=num_samples, progress=False)}
 
 
 def run(prior: str, options: dict, data, quick: bool) -> dict:
@@ -40,11 +32,7 @@ def run(prior: str, options: dict, data, quick: bool) -> dict:
     pyro_vae.fit(vae, data.x_train, epochs=5 if quick else 100, batch_size=32 if quick else 64,
                  lr=3e-3 if quick else 1e-3, progress=False, compile="graph" if quick else False)
     x = prepare_eval_data(vae, data.x_test)[: 120 if quick else None]
-    trained, before = evaluate(vae, x, 100 if quick else 2000), evaluate(untrained, x, 100 if quick else 2000)
-    return {"test_elbo": float(trained["elbo"].mean()), "test_nll": float(-trained["log_px"].mean()),
-            "untrained_elbo": float(before["elbo"].mean()), "untrained_nll": float(-before["log_px"].mean()),
-            "learned": mean_and_stderr(trained["elbo"] - before["elbo"]),
-            "learned_log_px": mean_and_stderr(trained["log_px"] - before["log_px"])}
+    return learning_report(vae, untrained, x, num_samples=100 if quick else 2000)
 
 
 def main(argv=None) -> dict:

@@ -2,7 +2,6 @@
 that trains shows that it learned: the trained model beats the same model untrained on the same held-out points,
 by more than 3 standard errors of the paired per-point difference."""
 import copy
-import importlib.util
 import json
 import math
 import sys
@@ -18,6 +17,7 @@ import pyro_vae
 from pyro_vae.analysis import mean_and_stderr
 from pyro_vae.conditional import ConditionalVAE
 from pyro_vae.objectives import AnalyticKLELBO, FisherELBO, IWAEELBO
+from scripts import assert_learned, load_script
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,23 +31,10 @@ def _keep_thread_count():
     torch.set_num_threads(threads)
 
 
-def _load(path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def assert_learned(gain: dict, what: str) -> None:
-    """``gain`` = {mean, stderr} over held-out points of a paired per-point difference in ELBO or log p(x), nats
-    (e.g. trained minus untrained): the mean exceeds 3 of its standard errors."""
-    assert gain["stderr"] > 0 and gain["mean"] > 3 * gain["stderr"], \
-        f"{what}: gain {gain['mean']:.3f} ± {gain['stderr']:.3f} nats per point, not above 3 standard errors"
 
 
 def test_vae_mnist_example_quick():
-    result = _load(ROOT / "examples" / "vae_mnist.py").main(["--quick"])
+    result = load_script(ROOT / "examples" / "vae_mnist.py").main(["--quick"])
     assert result["test_elbo"] < 0
     assert_learned(result["learned"], "vae_mnist.py")
 
@@ -55,7 +42,7 @@ def test_vae_mnist_example_quick():
 def test_iwae_example_quick():
     """Every row learns, and both IWAE rows beat the Trace_ELBO row on the same test digits (the paired per-digit
     log p(x) difference above 3 standard errors; the example's docstring has the numbers for longer runs)."""
-    rows = _load(ROOT / "examples" / "iwae_mnist.py").main(["--quick"])
+    rows = load_script(ROOT / "examples" / "iwae_mnist.py").main(["--quick"])
     assert list(rows) == ["VAE (Trace_ELBO)", "IWAE k=5", "IWAE k=5, DReG"]
     for name, row in rows.items():
         assert math.isfinite(row["nll"]) and row["nll"] > 0
@@ -65,7 +52,7 @@ def test_iwae_example_quick():
 
 
 def test_full_covariance_example_quick(tmp_path):
-    rows = _load(ROOT / "examples" / "full_covariance.py").main(["--quick", "--out", str(tmp_path)])
+    rows = load_script(ROOT / "examples" / "full_covariance.py").main(["--quick", "--out", str(tmp_path)])
     assert [r["guide"] for r in rows] == ["diagonal", "cholesky", "lowrank", "iaf"]
     assert all(r["test_nll"] > 0 and r["test_elbo"] < 0 for r in rows)
     for r in rows:
@@ -73,7 +60,7 @@ def test_full_covariance_example_quick(tmp_path):
 
 
 def test_cvae_example_quick(tmp_path):
-    result = _load(ROOT / "examples" / "cvae_mnist.py").main(["--quick", "--out", str(tmp_path)])
+    result = load_script(ROOT / "examples" / "cvae_mnist.py").main(["--quick", "--out", str(tmp_path)])
     assert (tmp_path / "label-2.png").exists()
     assert set(result["quadrants"]) == {1, 2, 3}
     assert all(r["nll"] > 0 for r in result["quadrants"].values())
@@ -83,14 +70,14 @@ def test_cvae_example_quick(tmp_path):
 
 
 def test_inference_gaps_example_quick(tmp_path):
-    report = _load(ROOT / "examples" / "inference_gaps.py").main(["--quick", "--out", str(tmp_path)])
+    report = load_script(ROOT / "examples" / "inference_gaps.py").main(["--quick", "--out", str(tmp_path)])
     assert set(report["families"]) == {"diagonal", "cholesky", "flow"}
     assert (tmp_path / "diagonal" / "gaps.json").exists() and (tmp_path / "diagonal" / "gaps-convergence.png").exists()
     assert_learned(report["learned"], "inference_gaps.py")
 
 
 def test_gaps_mnist_benchmark_quick(tmp_path):
-    rows = _load(ROOT / "benchmarks" / "gaps_mnist.py").main(["--quick", "--quiet", "--out", str(tmp_path)])
+    rows = load_script(ROOT / "benchmarks" / "gaps_mnist.py").main(["--quick", "--quiet", "--out", str(tmp_path)])
     assert [r["model"] for r in rows] == ["diagonal", "cholesky", "iaf"]
     assert all(math.isfinite(r["families"]["cholesky"]["approximation_gap"]["mean"]) for r in rows)
     assert (tmp_path / "gaps_mnist.md").exists() and (tmp_path / "gaps-summary.png").exists()
@@ -100,7 +87,7 @@ def test_custom_objective_example_quick(tmp_path):
     """A new objective is one formula and a small class: it trains in fit and from the command line."""
     from pyro_vae.cli import main
 
-    results = _load(ROOT / "examples" / "custom_objective.py").main(["--quick"])
+    results = load_script(ROOT / "examples" / "custom_objective.py").main(["--quick"])
     assert set(results) == {"elbo", "iwae", "ciwae"} and all(r["nll"] > 0 for r in results.values())
     for name, r in results.items():
         assert_learned(r["learned"], name)
@@ -176,13 +163,13 @@ def test_renyi_from_the_command_line(tmp_path):
 
 
 def test_against_revision_benchmark_quick(tmp_path):
-    rows = _load(ROOT / "benchmarks" / "against_revision.py").main(
+    rows = load_script(ROOT / "benchmarks" / "against_revision.py").main(
         ["--quick", "--base", "HEAD", "--out", str(tmp_path / "a.json")])
     assert len(rows) == 5 and all(r["base_ms"] > 0 and r["new_ms"] > 0 for r in rows)
 
 
 def test_speed_benchmark_quick(tmp_path):
-    rows, evals = _load(ROOT / "benchmarks" / "speed.py").main(["--quick", "--out", str(tmp_path / "s.json")])
+    rows, evals = load_script(ROOT / "benchmarks" / "speed.py").main(["--quick", "--out", str(tmp_path / "s.json")])
     assert len(rows) == 1 and rows[0]["fit_s"] > 0 and rows[0]["hand_s"] > 0 and rows[0]["hand_foreach_s"] > 0
     assert evals[0]["ours_points_per_s"] > 0 and evals[0]["hand_points_per_s"] > 0
     assert json.loads((tmp_path / "s.json").read_text())["rows"]
@@ -190,18 +177,18 @@ def test_speed_benchmark_quick(tmp_path):
 
 def test_iwae_table_benchmark_quick(tmp_path):
     out = tmp_path / "table"
-    rows = _load(ROOT / "benchmarks" / "iwae_table.py").main(
+    rows = load_script(ROOT / "benchmarks" / "iwae_table.py").main(
         ["--quick", "--quiet", "--out", str(out), "--models", "vae,iwae5"])
     assert [r["model"] for r in rows] == ["VAE", "IWAE k=5"]
     assert all(r["test_nll"] > 0 and r["epochs"] == 1 for r in rows)
     # running it again resumes (nothing left to train) and gives the same table
-    again = _load(ROOT / "benchmarks" / "iwae_table.py").main(
+    again = load_script(ROOT / "benchmarks" / "iwae_table.py").main(
         ["--quick", "--quiet", "--out", str(out), "--models", "vae"])
     assert again[0]["epochs"] == 1
 
 
 def test_fisher_vs_vae_benchmark_quick(tmp_path):
-    rows = _load(ROOT / "benchmarks" / "fisher_vs_vae.py").main(["--quick", "--out", str(tmp_path)])
+    rows = load_script(ROOT / "benchmarks" / "fisher_vs_vae.py").main(["--quick", "--out", str(tmp_path)])
     assert [r["objective"] for r in rows] == ["elbo", "fisher"]
     assert all(r["test_nll"] > 0 for r in rows)
     assert (tmp_path / "fisher" / "samples.png").exists()
@@ -231,7 +218,7 @@ def test_gradient_variance_cli_on_a_run(tmp_path):
 
 def test_reference_burda_quick(tmp_path):
     """The plain-PyTorch reference trains and reports an NLL no better than its own ELBO allows (NLL <= -ELBO)."""
-    result = _load(ROOT / "benchmarks" / "reference_burda.py").main(["--quick", "--out", str(tmp_path / "r.json")])
+    result = load_script(ROOT / "benchmarks" / "reference_burda.py").main(["--quick", "--out", str(tmp_path / "r.json")])
     assert result["num_test"] == 50 and len(result["per_point_nll"]) == 50
     # the importance-sampled log p(x) is a tighter bound than the ELBO on average: NLL <= -ELBO up to noise
     assert result["test_nll"] <= -result["test_elbo"] + 3 * result["test_elbo_stderr"]
@@ -240,7 +227,7 @@ def test_reference_burda_quick(tmp_path):
 
 def test_burda_pyro_vae_quick_agrees_with_the_reference_estimator(tmp_path):
     """pyro-vae's log_likelihood and the hand-written estimator agree on the same weights, within their noise."""
-    r = _load(ROOT / "benchmarks" / "burda_pyro_vae.py").main(["--quick", "--out", str(tmp_path / "p.json")])
+    r = load_script(ROOT / "benchmarks" / "burda_pyro_vae.py").main(["--quick", "--out", str(tmp_path / "p.json")])
     diff = [a - b for a, b in zip(r["per_point_nll"], r["per_point_nll_pyro_vae"])]
     n = len(diff)
     mean = sum(diff) / n
@@ -250,9 +237,9 @@ def test_burda_pyro_vae_quick_agrees_with_the_reference_estimator(tmp_path):
 
 def test_burda_ablation_plans_commands_both_scripts_accept():
     """Every planned run is a command line the reference or pyro-vae script parses (the plan cannot rot)."""
-    ablation = _load(ROOT / "benchmarks" / "burda_ablation.py")
-    parsers = {"reference": _load(ROOT / "benchmarks" / "reference_burda.py").parse_args,
-               "pyro-vae": _load(ROOT / "benchmarks" / "burda_pyro_vae.py").parse_args}
+    ablation = load_script(ROOT / "benchmarks" / "burda_ablation.py")
+    parsers = {"reference": load_script(ROOT / "benchmarks" / "reference_burda.py").parse_args,
+               "pyro-vae": load_script(ROOT / "benchmarks" / "burda_pyro_vae.py").parse_args}
     stages = ["screen", "confirm", "iwae", "seed", "iwae-confirm", "confirm-ref", "iwae-confirm-ref"]
     for stage in stages:
         for name, kind, opts in ablation.plan(stage):
@@ -263,8 +250,8 @@ def test_burda_ablation_plans_commands_both_scripts_accept():
 
 
 def test_loss_overhead_benchmark_quick():
-    speed = _load(ROOT / "benchmarks" / "speed.py")
-    cost, trainer = _load(ROOT / "benchmarks" / "loss_overhead.py").main(["--rounds", "20"])
+    speed = load_script(ROOT / "benchmarks" / "speed.py")
+    cost, trainer = load_script(ROOT / "benchmarks" / "loss_overhead.py").main(["--rounds", "20"])
     assert set(cost) == {"hand-written", "fit's loss"} and all(f > 0 and b > 0 for f, b in cost.values())
     assert len(trainer) == 2 and all(ms > 0 for ms in trainer.values())
     assert sys.modules["speed"].Z == speed.Z == 20  # the tiny VAE's z_dim was put back
@@ -272,14 +259,14 @@ def test_loss_overhead_benchmark_quick():
 
 @pytest.mark.slow
 def test_compile_variants_benchmark_quick():
-    times = _load(ROOT / "benchmarks" / "compile_variants.py").main(["--rounds", "1", "--steps", "1"])
+    times = load_script(ROOT / "benchmarks" / "compile_variants.py").main(["--rounds", "1", "--steps", "1"])
     assert {"hand", "fit", "fit --compile", "floor"} <= set(times) and all(t > 0 for t in times.values())
     assert torch._dynamo.config.compiled_autograd is False  # the whole-step variant left the global config alone
 
 
 def test_own_model_example_quick():
     """A tutorial-style VAE of the user's own (examples/own_model.py): trained, evaluated, decomposed; it learned."""
-    result = _load(ROOT / "examples" / "own_model.py").main(["--quick"])
+    result = load_script(ROOT / "examples" / "own_model.py").main(["--quick"])
     assert result["captured"]  # its training step ran on a captured graph
     assert result["test_nll"] < -result["test_elbo"] and result["latent_sites"]["z"]["dims"] == 4
     assert set(result["gaps"]["families"]) == {"diagonal", "cholesky"}
@@ -290,7 +277,7 @@ def test_own_model_example_quick():
 def test_semi_supervised_example_quick_beats_the_classifier_on_the_labels_alone(tmp_path):
     """M2 with 30 labels beats q(y|x)'s architecture trained on the same 30 labels alone (the paired per-test-digit
     accuracy gain above 3 standard errors), and its ELBO beats its untrained copy's; the figures are written."""
-    result = _load(ROOT / "examples" / "semi_supervised.py").main(["--quick", "--out", str(tmp_path)])
+    result = load_script(ROOT / "examples" / "semi_supervised.py").main(["--quick", "--out", str(tmp_path)])
     assert result["test_error"] < result["supervised_test_error"]
     assert_learned(result["vs_supervised"], "M2 over the supervised-only classifier (accuracy)")
     assert_learned(result["learned"], "M2's ELBO")
@@ -306,7 +293,7 @@ def test_semi_supervised_mnist_benchmark_quick_trains_evaluates_resumes_and_repo
     from pyro_vae.data import balanced_labels
 
     out = tmp_path / "m2"
-    bench = _load(ROOT / "benchmarks" / "semi_supervised_mnist.py")
+    bench = load_script(ROOT / "benchmarks" / "semi_supervised_mnist.py")
     rows = bench.main(["--quick", "--quiet", "--out", str(out)])["rows"]
     assert [(r["run"], r["labels"], r["label_seed"], r["epochs"]) for r in rows] == \
         [("m2-l30-s0", 30, 0, 2), ("m2-l30-s1", 30, 1, 2)]
@@ -337,7 +324,7 @@ def test_semi_supervised_mnist_report_averages_over_label_draws(tmp_path):
     with its own standard error, Kingma et al.'s M2 column beside it, the range of epochs; one row per run."""
     import statistics
 
-    bench = _load(ROOT / "benchmarks" / "semi_supervised_mnist.py")
+    bench = load_script(ROOT / "benchmarks" / "semi_supervised_mnist.py")
     errors = {(100, 0): (0.10, 0.30), (100, 1): (0.12, 0.25), (100, 2): (0.17, 0.32), (600, 0): (0.05, 0.12)}
     for (n, s), (m2, alone) in errors.items():
         record = {"run": bench.run_name(n, s), "labels": n, "label_seed": s, "epochs": 5 + s, "train_seconds": 90.0,

@@ -1,10 +1,8 @@
 """Structured models: the hierarchy (bottom-up and ladder) against closed forms, the learned priors' densities
 against direct formulas, the VAE's twin against traces for every prior, training with and without capture, and the
 two examples' quick modes."""
-import importlib.util
 import json
 import math
-import sys
 import warnings
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from pyro_vae.objectives import AnalyticKLELBO, IWAEELBO, MonteCarloELBO, RenyiB
 from pyro_vae.particles import PARTICLE_PLATE, draw_particles, particle_twin, stop_gradient_parameters
 from pyro_vae.priors import FlowPrior, MixturePrior, VampPrior, kl_monte_carlo_reason, make_prior
 from pyro_vae.training import ObjectiveModule
+from scripts import assert_learned, load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 INFERENCE = ["bottom-up", "top-down"]
@@ -423,22 +422,11 @@ def test_fit_trains_the_ladder_with_a_learned_top_prior():
 
 
 # ----------------------------------------------------------------------------------------- the examples
-def _load(path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def assert_learned(gain: dict, what: str) -> None:
-    assert gain["stderr"] > 0 and gain["mean"] > 3 * gain["stderr"], \
-        f"{what}: gain {gain['mean']:.3f} ± {gain['stderr']:.3f} nats per point, not above 3 standard errors"
 
 
 @pytest.mark.slow
 def test_hierarchical_example_quick():
-    rows = quiet(_load(ROOT / "examples" / "hierarchical.py").main, ["--quick"])
+    rows = quiet(load_script(ROOT / "examples" / "hierarchical.py").main, ["--quick"])
     assert list(rows) == ["bottom-up", "top-down"]
     for name, row in rows.items():
         assert_learned(row["learned"], f"hierarchical.py {name} (ELBO)")
@@ -447,7 +435,7 @@ def test_hierarchical_example_quick():
 
 @pytest.mark.slow
 def test_learned_prior_example_quick():
-    rows = quiet(_load(ROOT / "examples" / "learned_prior.py").main, ["--quick"])
+    rows = quiet(load_script(ROOT / "examples" / "learned_prior.py").main, ["--quick"])
     assert list(rows) == ["standard", "mog", "vamp", "flow"]
     for name, row in rows.items():
         assert_learned(row["learned"], f"learned_prior.py {name} (ELBO)")
@@ -456,7 +444,7 @@ def test_learned_prior_example_quick():
 
 # ----------------------------------------------------------------------------------------- the benchmarks
 def _reference():
-    return _load(ROOT / "benchmarks" / "reference_two_layer.py")
+    return load_script(ROOT / "benchmarks" / "reference_two_layer.py")
 
 
 def test_the_plain_two_layer_reference_is_the_same_model_as_the_hierarchical_vae():
@@ -504,7 +492,7 @@ def test_the_plain_two_layer_reference_trains_resumes_bit_exactly_and_bounds_its
 def test_the_structured_mnist_benchmark_runs_through_the_command_line_and_reports_paired_rows(tmp_path):
     """benchmarks/structured_mnist.py --quick: every run trains by `pyro-vae train`, is evaluated, and the report
     has the paired rows; running again resumes (no retraining) and gives the same table."""
-    bench = _load(ROOT / "benchmarks" / "structured_mnist.py")
+    bench = load_script(ROOT / "benchmarks" / "structured_mnist.py")
     table = bench.main(["--quick", "--out", str(tmp_path), "--runs", "vae2,vae2-td"])
     assert "two-layer VAE (k=1), top-down" in table and "z1:" in table and "z2:" in table
     saved = {n: json.loads((tmp_path / f"{n}.json").read_text()) for n in ("vae2", "vae2-td")}
@@ -516,7 +504,7 @@ def test_the_structured_mnist_benchmark_runs_through_the_command_line_and_report
 
 @pytest.mark.slow
 def test_the_structured_speed_benchmark_times_captured_fit_against_the_reference(tmp_path):
-    rows = _load(ROOT / "benchmarks" / "structured_mnist.py").main(["--quick", "--speed", "--reps", "1",
+    rows = load_script(ROOT / "benchmarks" / "structured_mnist.py").main(["--quick", "--speed", "--reps", "1",
                                                                    "--out", str(tmp_path)])
     assert [r["k"] for r in rows] == [1, 5]
     assert all(r["captured_s"] > 0 and r["reference_s"] > 0 and r["compile_s"] is not None for r in rows)
