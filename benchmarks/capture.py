@@ -229,8 +229,37 @@ def columns(make, objective: str, k: int, x, lr=1e-3) -> dict:
             p.grad = g
         opt.step()
     out["captured"] = captured
+    if k == 1:
+        out["floor"] = floor_step(fresh(), x)
     out["_module"] = module
     return out
+
+
+def floor_step(module, x):
+    """A floor under any implementation of one K = 1 training step that keeps the model's kernels: each
+    ``nn.Linear`` of ``module`` (masked ones too) once forward on ``len(x)`` rows and its two backward matrix
+    products (the weight gradient, and the input gradient except for layers that read the data), then one fused
+    Adam update of all parameters; nothing else (no activation, likelihood, sampling or reduction)."""
+    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    n = x.shape[0]
+    inputs = {id(m): torch.rand(n, m.in_features, device=x.device) for m in linears}
+    grads = {id(m): torch.rand(n, m.out_features, device=x.device) for m in linears}
+    params = [q.detach().clone() for q in module.parameters()]
+    for q in params:
+        q.grad = torch.zeros_like(q)
+    opt = make_adam(params, 1e-3, x.device)
+    reads_data = {id(m) for m in linears if m.in_features == x[0].numel()}
+
+    def step():
+        with torch.no_grad():
+            for m in linears:
+                a, g = inputs[id(m)], grads[id(m)]
+                torch.addmm(m.bias, a, m.weight.t()) if m.bias is not None else a @ m.weight.t()
+                torch.mm(g.t(), a)
+                if id(m) not in reads_data:
+                    torch.mm(g, m.weight)
+        opt.step()
+    return step
 
 
 def own_param_store(step):
@@ -352,7 +381,7 @@ def eval_throughput(device, points: int = 40, num_samples: int = 5000, chunk: in
 
 
 def markdown(results: list, warm: dict) -> str:
-    cols = ["hand", "svi", "jit", "traced", "twin", "captured"]
+    cols = ["hand", "svi", "jit", "traced", "twin", "captured", "floor"]
     lines = ["| row | batch | threads | " + " | ".join(cols) + " | captured / hand | svi / captured | "
              "jit / captured | capture s | compile s (cold) |", "|" + "---|" * (len(cols) + 8)]
     for r in results:
