@@ -570,7 +570,12 @@ def test_sigint_says_how_to_resume_and_resume_then_finishes(tmp_path, capsys, mo
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(runs.RunWriter, "on_step_end", interrupt)
-    code, _, err = cli(["train", *TINY, "--epochs", "3", "--batch-size", "128", "--out", out], capsys)
+    # Ctrl-C raises KeyboardInterrupt even where this test process inherited SIGINT ignored (a background job)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code, _, err = cli(["train", *TINY, "--epochs", "3", "--batch-size", "128", "--out", out], capsys)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     line = one_line(err)
     assert code == 130 and f"pyro-vae train --resume {out}" in line and "interrupted" in line
     assert _epochs(out) == [1] and load_run(out).epoch == 1
@@ -578,6 +583,12 @@ def test_sigint_says_how_to_resume_and_resume_then_finishes(tmp_path, capsys, mo
     code, _, err = cli(["train", "--resume", out, "--no-progress"], capsys)
     assert code == 0, err
     assert _epochs(out) == [1, 2, 3] and load_run(out).epoch == 3
+
+
+def _default_sigint():
+    """In the child before exec: SIGINT back to its default, so Python installs its KeyboardInterrupt handler even
+    when the tests run as a background job (which inherits SIGINT ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.mark.slow
@@ -588,7 +599,8 @@ def test_a_real_ctrl_c_exits_130_saying_how_to_resume(tmp_path):
     # (with batches of 16 they took 0.4 s, and a stall of the polling test let training end first)
     p = subprocess.Popen([sys.executable, "-m", "pyro_vae.cli", "train", "--epochs", "6", "--batch-size", "4",
                           "--z-dim", "2", "--hidden", "16", "--no-progress", "--out", str(out)],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=_default_sigint)
     deadline = time.time() + 120
     while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 1):
         assert time.time() < deadline and p.poll() is None, p.stderr.read()
