@@ -144,6 +144,8 @@ def report(args) -> str:
             if ref_full is not None and ref_full.exists():
                 rf = json.loads(ref_full.read_text())
                 cells.append(f"{rf['test_nll']:.2f} ± {rf['test_nll_stderr']:.2f}")
+                if name in full:
+                    cells.append("Δ {:+.2f} ± {:.2f}".format(*paired(full[name]["per_point_nll"], rf["per_point_nll"])))
             lines.append(f"| {r['description']} | {r['epochs']} | {r['test_nll']:.2f} ± {r['test_nll_stderr']:.2f} | "
                          f"{ref_cell} | {diff} | " + (f"{', '.join(cells)} | " if full else "") + f"{PAPER_TWO_LAYER[name]} |")
     lines += ["", "| model | epochs | test NLL | Δ against the first row ± paired s.e. | per layer: active units / KL |",
