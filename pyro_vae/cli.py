@@ -200,12 +200,12 @@ def _semi_supervised_options() -> list:
                                                  "S, another set of --labels N points)")),
         ("--aux-weight", "aux_weight", dict(type=_non_negative_float, metavar="A",
                                             help="--semi-supervised: weight of log q(y|x) per labelled point "
-                                                 "(default Kingma et al.'s alpha = 0.1 N, i.e. 0.1 N / N_l per "
-                                                 "labelled point)")),
+                                                 "(default 46, Pyro's ss-vae value; Kingma et al.'s alpha = 0.1 N "
+                                                 "is 0.1 N / N_l per labelled point)")),
         ("--unlabelled-per-labelled", "unlabelled_per_labelled",
          dict(type=_positive_int, metavar="K", help="--semi-supervised: one labelled minibatch before every K "
                                                      "unlabelled ones; an epoch is one pass over the unlabelled "
-                                                     "points")),
+                                                     "points (default 10)")),
     ]
 
 
@@ -360,7 +360,7 @@ def _add_evaluate(sub):
     p.add_argument("--test-points", type=_positive_int, default=None,
                    help="evaluate only the first N test points, for a quick look (default: the whole test set)")
     p.add_argument("--checkpoint", choices=["last", "best"], default="last",
-                   help="the last checkpoint, or best.pt (the best validation ELBO)")
+                   help="the last checkpoint, or best.pt (the best validation ELBO; a semi-supervised run: the lowest validation error)")
     p.add_argument("--compile", action="store_true", help="compute the log weights on a captured, compiled graph")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="test points per pass")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="where to evaluate")
@@ -518,7 +518,7 @@ def _add_gaps(sub):
     p.add_argument("--elbo-particles", type=_positive_int, default=100, help="particles per ELBO estimate")
     p.add_argument("--lr", type=_positive_float, default=0.01, help="Adam learning rate (decays to lr/10)")
     p.add_argument("--checkpoint", choices=["last", "best"], default="last",
-                   help="the last checkpoint, or best.pt (the best validation ELBO)")
+                   help="the last checkpoint, or best.pt (the best validation ELBO; a semi-supervised run: the lowest validation error)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo draws")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="where to compute")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR)")

@@ -50,6 +50,7 @@ from .guides import DiagonalNormal
 from .likelihoods import make_likelihood
 from .networks import mlp
 from .priors import make_prior
+from .vae import model_modules
 
 __all__ = ["HierarchicalVAE", "BottomUpNormal", "INFERENCE"]
 
@@ -225,14 +226,7 @@ class HierarchicalVAE(nn.Module):
         return self.families[L - 1](heads[L - 1](trunks[L - 1](h)))
 
     def _model_modules(self) -> dict:
-        modules = {"decoder": self.decoder}
-        if any(p.requires_grad for p in self.likelihood.parameters()):
-            modules["likelihood"] = self.likelihood
-        if self.learned_prior is not None:
-            modules["prior"] = self.learned_prior
-            if getattr(self.learned_prior, "encode", None) == self._pseudo_posterior:  # the VampPrior uses q
-                modules["encoder"] = self.encoder
-        return modules
+        return model_modules(self)
 
     def _guide_modules(self) -> dict:
         if self.inference == "top-down":  # the ladder shares the model's p(z_l | z_{l+1})

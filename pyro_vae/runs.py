@@ -202,12 +202,13 @@ def _objective(config: RunConfig):
 class RunWriter(Callback):
     """Writes a run while :func:`~pyro_vae.fit` trains: a line of ``metrics.jsonl`` per epoch, ``checkpoint.pt``
     every ``every_epochs`` epochs (and every ``every_steps`` optimizer steps, and at the end), and ``best.pt``
-    whenever the validation ELBO improves. Only a finite state is ever written."""
+    whenever the validation score improves (:func:`validation_score`: the validation error of a model that
+    classifies, e.g. M2, else the validation ELBO). Only a finite state is ever written."""
 
     def __init__(self, run_dir, epochs: int, every_epochs: int = 1, every_steps: int = 0):
         self.dir, self.epochs = Path(run_dir), int(epochs)
         self.every_epochs, self.every_steps = int(every_epochs), int(every_steps)
-        self.best = max((m.get("val_elbo", -math.inf) for m in read_metrics(self.dir)), default=-math.inf)
+        self.best = max((validation_score(m) for m in read_metrics(self.dir)), default=-math.inf)
 
     def on_step_end(self, state):
         if self.every_steps and state.global_step % self.every_steps == 0 and state.is_finite():
@@ -219,9 +220,17 @@ class RunWriter(Callback):
         checkpoint = state.checkpoint(epoch_done=True)
         if metrics["epoch"] % self.every_epochs == 0 or metrics["epoch"] >= self.epochs or state.stop:
             save_checkpoint(self.dir / CHECKPOINT, checkpoint)
-        if metrics.get("val_elbo", -math.inf) > self.best:
-            self.best = metrics["val_elbo"]
+        if validation_score(metrics) > self.best:
+            self.best = validation_score(metrics)
             save_checkpoint(self.dir / BEST, checkpoint)
+
+
+def validation_score(metrics: dict) -> float:
+    """What ``best.pt`` keeps the maximum of: minus ``val_error`` for a model that classifies (its classifier is
+    what a semi-supervised run is for), else ``val_elbo``; -inf for an epoch without validation."""
+    if "val_error" in metrics:
+        return -metrics["val_error"]
+    return metrics.get("val_elbo", -math.inf)
 
 
 def _validate_config(config: RunConfig, model_class: type | None = None):
@@ -250,13 +259,13 @@ def _validate_config(config: RunConfig, model_class: type | None = None):
 def _choose_labels(config: RunConfig, data) -> torch.Tensor:
     """A semi-supervised run's labelled training points: ``config.labels`` indices into the training split,
     balanced per class, drawn with ``config.label_seed`` (:func:`pyro_vae.data.balanced_labels`). Fills in
-    ``num_classes`` and Kingma et al.'s aux_weight 0.1 N / N_l when none was given."""
+    ``num_classes`` and the default aux_weight (``SemiSupervisedVAE.DEFAULT_AUX_WEIGHT``) when none was given."""
     if data.y_train is None or not data.num_classes:
         raise ValueError(f"--semi-supervised needs a labelled dataset; {config.dataset!r} has no classes")
     config.num_classes = data.num_classes
     chosen = balanced_labels(data.y_train, config.labels, data.num_classes, config.label_seed)
     if config.aux_weight is None:
-        config.aux_weight = SemiSupervisedVAE.paper_aux_weight(len(data.y_train), config.labels)
+        config.aux_weight = SemiSupervisedVAE.DEFAULT_AUX_WEIGHT
     return chosen
 
 
@@ -485,7 +494,7 @@ class Run:
 def load_run(run_dir, map_location="cpu", best: bool = False, trust_code: bool = False) -> Run:
     """Reload a run directory written by ``pyro-vae train`` (or :func:`train_run`).
 
-    ``best=True`` loads the checkpoint with the best validation ELBO (``best.pt``) instead of the last one. A
+    ``best=True`` loads the checkpoint with the best validation score (``best.pt``, :func:`validation_score`) instead of the last one. A
     run of the user's own model (``--model FILE.py:CLASS``) is rebuilt from the run's copy of that file
     (``model.py``, checked against its sha256), which executes it: that needs ``trust_code=True``, and without
     it :class:`~pyro_vae.user_model.UntrustedCodeError` (a ValueError) names the file (compare Hugging Face's

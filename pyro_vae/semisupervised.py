@@ -19,7 +19,11 @@ L(x, y) it does not appear). It is a ``pyro.factor("aux", aux_weight * log q(y|x
 branch: a factor adds to log p, so every Pyro ELBO's loss on a labelled batch becomes
 -sum_n [L(x_n, y_n) + aux_weight * log q(y_n|x_n)]. ``aux_weight`` is the weight per labelled point; Kingma et
 al.'s alpha = 0.1 N on a sum over the N training points is aux_weight = 0.1 N / N_l for N_l labelled points
-(:meth:`SemiSupervisedVAE.paper_aux_weight`). With ``aux_weight=0`` the labelled loss is the bound alone.
+(:meth:`SemiSupervisedVAE.paper_aux_weight`). The default, 46 per labelled point (Pyro's ss-vae example's
+multiplier), does not shrink with N_l: when labelled minibatches are drawn once per k unlabelled ones (pyro_vae.fit),
+the auxiliary weight an epoch carries is aux_weight * N_u / k whatever N_l is, and on MNIST 0.1 N / N_l (1.8 at
+3000 labels) left q(y|x) twice as wrong as 46 did (docs/benchmarks.md). With ``aux_weight=0`` the labelled loss
+is the bound alone.
 
 Training: ``pyro.infer.SVI(m2.model, m2.guide, optim, pyro.infer.TraceEnum_ELBO(max_plate_nesting=1))`` with
 ``svi.step(x, y)`` on labelled and ``svi.step(x)`` on unlabelled minibatches, or :func:`pyro_vae.fit` with
@@ -58,7 +62,8 @@ class SemiSupervisedVAE(ConditionalVAE):
         activation: MLP activation.
         sigma: for the Gaussian likelihood.
         guide_kwargs: for the posterior family.
-        aux_weight: alpha, the weight of log q(y|x) per labelled point (module docstring); >= 0.
+        aux_weight: alpha, the weight of log q(y|x) per labelled point (module docstring); >= 0; default
+            ``DEFAULT_AUX_WEIGHT`` = 46.
     """
 
     #: the guide's y site: "parallel" (summed out exactly under TraceEnum_ELBO), "sequential", or None (sampled:
@@ -66,10 +71,12 @@ class SemiSupervisedVAE(ConditionalVAE):
     label_enumeration = "parallel"
     #: train with an enumerating objective (pyro.infer.TraceEnum_ELBO): fit refuses another one
     needs_enumeration = True
+    #: the auxiliary weight per labelled point when none is given (module docstring)
+    DEFAULT_AUX_WEIGHT = 46.0
 
     def __init__(self, input_shape=(1, 28, 28), num_classes: int = 10, z_dim: int = 50, likelihood="bernoulli",
                  guide="diagonal", hidden=(500,), classifier_hidden=None, activation="relu", sigma=None,
-                 guide_kwargs: dict | None = None, aux_weight: float = 1.0):
+                 guide_kwargs: dict | None = None, aux_weight: float = DEFAULT_AUX_WEIGHT):
         if num_classes is None or int(num_classes) < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes!r}")
         if not (isinstance(aux_weight, (int, float)) and math.isfinite(aux_weight) and aux_weight >= 0):

@@ -44,6 +44,20 @@ __all__ = ["VAE", "as_batch"]
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
+
+def model_modules(vae) -> dict:
+    """The modules of a VAE's model p(x, z) that it registers with ``pyro.module``: the decoder, the likelihood when
+    it has learned parameters, a learned prior, and for the VampPrior (p(z) = mean_k q(z | u_k) runs the encoder)
+    the guide's modules too. ``vae``: a :class:`VAE` or :class:`~pyro_vae.hierarchical.HierarchicalVAE`."""
+    modules = {"decoder": vae.decoder}
+    if any(p.requires_grad for p in vae.likelihood.parameters()):
+        modules["likelihood"] = vae.likelihood
+    if vae.learned_prior is not None:
+        modules["prior"] = vae.learned_prior
+        if getattr(vae.learned_prior, "encode", None) == vae._pseudo_posterior:
+            modules.update(vae._guide_modules())
+    return modules
+
 class VAE(nn.Module):
     """A variational autoencoder: decoder = Pyro model, encoder = Pyro guide.
 
@@ -149,15 +163,8 @@ class VAE(nn.Module):
         return out.reshape(*lead, self.likelihood.num_params, *self.input_shape)
 
     def _model_modules(self) -> dict:
-        """The modules of the model p(x, z) registered with ``pyro.module``."""
-        modules = {"decoder": self.decoder}
-        if any(p.requires_grad for p in self.likelihood.parameters()):
-            modules["likelihood"] = self.likelihood
-        if self.learned_prior is not None:
-            modules["prior"] = self.learned_prior
-            if getattr(self.learned_prior, "encode", None) == self._pseudo_posterior:  # the VampPrior: p(z) uses q
-                modules.update(self._guide_modules())
-        return modules
+        """The modules of the model p(x, z) registered with ``pyro.module`` (:func:`model_modules`)."""
+        return model_modules(self)
 
     def _guide_modules(self) -> dict:
         """The modules of the guide q(z|x) registered with ``pyro.module``."""

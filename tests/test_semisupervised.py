@@ -252,7 +252,8 @@ def test_a_resumed_semi_supervised_fit_equals_an_uninterrupted_one(digits_split)
     def run(**kwargs):
         vae = SemiSupervisedVAE((1, 8, 8), 10, z_dim=2, hidden=(8,), aux_weight=2.0)
         history = fit(vae, unlabelled, val, objective=TraceEnum_ELBO(strict_enumeration_warning=False),
-                      labelled=labelled, epochs=3, batch_size=32, seed=2, progress=False, **kwargs)
+                      labelled=labelled, unlabelled_per_labelled=1, epochs=3, batch_size=32, seed=2,
+                      progress=False, **kwargs)
         return vae, history
 
     torch.manual_seed(0)
@@ -316,7 +317,8 @@ def test_cli_semi_supervised_train_evaluate_sample(tmp_path, capsys):
     config = json.loads((run / "config.json").read_text())
     record = json.loads((run / "labels.json").read_text())
     digits = load_dataset("digits")
-    assert config["objective"] == "enum" and config["aux_weight"] == pytest.approx(0.1 * len(digits.y_train) / 20)
+    assert config["objective"] == "enum" and config["aux_weight"] == SemiSupervisedVAE.DEFAULT_AUX_WEIGHT == 46
+    assert config["unlabelled_per_labelled"] == 10 and load_run(run).vae.aux_weight == 46
     assert record["per_class"] == [2] * 10
     assert record["indices"] == balanced_labels(digits.y_train, 20, 10, seed=0).tolist()
     metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
@@ -346,7 +348,8 @@ def test_cli_semi_supervised_train_evaluate_sample(tmp_path, capsys):
 @pytest.mark.slow  # (a few seconds: two trainings, each drawing the figures)
 def test_cli_semi_supervised_resume_and_plot(tmp_path):
     """A resumed semi-supervised run continues with the same labelled points (labels.json), and plot redraws the
-    analogy figure."""
+    analogy figure; best.pt is the epoch of lowest validation error."""
+    from pyro_vae import load_run
     from pyro_vae.cli import main
 
     run = tmp_path / "run"
@@ -354,9 +357,24 @@ def test_cli_semi_supervised_resume_and_plot(tmp_path):
     labels = (run / "labels.json").read_text()
     (run / "analogies.png").unlink()
     assert main(["plot", str(run)]) == 0 and (run / "analogies.png").exists()
-    assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
-    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--no-progress"]) == 0
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert (run / "labels.json").read_text() == labels
+    # best.pt across the resume: the first epoch of lowest validation error (the ELBO does not choose it)
+    lowest = min(metrics, key=lambda m: (m["val_error"], m["epoch"]))
+    assert load_run(run, best=True).epoch == lowest["epoch"]
+
+
+def test_best_checkpoint_of_a_classifier_is_its_lowest_validation_error():
+    """validation_score, what best.pt maximizes: minus val_error when the epoch has one (M2), else val_elbo, and
+    -inf without validation."""
+    from pyro_vae.runs import validation_score
+
+    assert validation_score({"val_error": 0.25, "val_elbo": -80.0}) == -0.25
+    assert validation_score({"val_error": 0.2, "val_elbo": -90.0}) > validation_score({"val_error": 0.25,
+                                                                                      "val_elbo": -80.0})
+    assert validation_score({"val_elbo": -80.0}) == -80.0 and validation_score({"train_loss": 1.0}) == -math.inf
 
 
 @pytest.mark.parametrize("argv, message", [
