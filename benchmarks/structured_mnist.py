@@ -148,10 +148,10 @@ def report(args) -> str:
                     cells.append("Δ {:+.2f} ± {:.2f}".format(*paired(full[name]["per_point_nll"], rf["per_point_nll"])))
             lines.append(f"| {r['description']} | {r['epochs']} | {r['test_nll']:.2f} ± {r['test_nll_stderr']:.2f} | "
                          f"{ref_cell} | {diff} | " + (f"{', '.join(cells)} | " if full else "") + f"{PAPER_TWO_LAYER[name]} |")
-    lines += ["", "| model | epochs | test NLL | Δ against the first row ± paired s.e. | per layer: active units / KL |",
-              "|---|---|---|---|---|"]
-    for group in (("vae1", "vae1-vamp"), ("vae2", "vae2-td"), ("vae2-wu", "vae2-td-wu")):
-        base = saved.get(group[0])
+    lines += ["", "| model | epochs | test NLL | Δ against the first row ± paired s.e. | per layer: active units / KL "
+              "| full test set: NLL, Δ ± paired s.e. |", "|---|---|---|---|---|---|"]
+    for group in (("vae1", "vae1-vamp"), ("vae2", "vae2-td", "vae2-td-wu", "vae2-wu")):
+        base, base_full = saved.get(group[0]), full.get(group[0])
         for name in group:
             if name not in saved:
                 continue
@@ -160,8 +160,14 @@ def report(args) -> str:
                 *paired(r["per_point_nll"], base["per_point_nll"]))
             layers = ", ".join(f"{s}: {v['active_units']}/{v['dims']}" + ("" if v["kl"] is None else f", {v['kl']:.1f} nats")
                                for s, v in sorted(r["latent_sites"].items()))
+            whole = "–"
+            if name in full:
+                f = full[name]
+                whole = f"{f['test_nll']:.2f} ± {f['test_nll_stderr']:.2f}"
+                if name != group[0] and base_full is not None:
+                    whole += ", Δ {:+.2f} ± {:.2f}".format(*paired(f["per_point_nll"], base_full["per_point_nll"]))
             lines.append(f"| {r['description']} | {r['epochs']} | {r['test_nll']:.2f} ± {r['test_nll_stderr']:.2f} | "
-                         f"{delta} | {layers} |")
+                         f"{delta} | {layers} | {whole} |")
     return "\n".join(lines)
 
 

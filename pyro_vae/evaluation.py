@@ -16,7 +16,10 @@ arguments. Everything here runs under :func:`torch.no_grad`.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -286,12 +289,45 @@ def log_likelihood(model: Callable, guide: Callable, data, num_samples: int = 50
         x = _first(data)
         batch_size = _auto_batch_size(memory_budget, num_samples, chunk_size, x[0].numel(), x.element_size())
     out, draw = [], _drawer(model, guide, compile)
+    released = time.monotonic()
     with _progress(progress, _num_points(data), f"log p(x), K={num_samples}") as bar:
         for args in _batches(data, batch_size):
             chunk = min(int(chunk_size or _default_chunk(memory_budget, args[0])), num_samples)
             out.append(_batch_log_likelihood(draw, args, num_samples, chunk))
             bar.update(len(out[-1]))
+            if time.monotonic() - released > RELEASE_INTERVAL_S:
+                release_freed_memory()
+                released = time.monotonic()
     return torch.cat(out)
+
+
+#: seconds between two :func:`release_freed_memory` calls in :func:`log_likelihood` (each costs about 3 ms)
+RELEASE_INTERVAL_S = 1.0
+_LIBC = None
+
+
+def release_freed_memory() -> bool:
+    """Hands the C heap's free memory back to the operating system (glibc's ``malloc_trim(0)``); False where
+    there is no glibc (nothing is done).
+
+    Why: glibc serves a freed allocation above its mmap threshold by raising the threshold to that size (up
+    to 32 MiB), so the chunk-sized tensors of an importance-sampled evaluation, allocated and freed thousands of
+    times in slightly different sizes, come from the heap afterwards, and the heap's free pages are not given
+    back. Measured on MNIST with K = 5000 (4 points x 2500 particles a pass): the process grew by ~3.5 MB a
+    pass and was killed at 21 GB on the 10 000 test digits; trimming once a second keeps it at 1.1 GB, for
+    about 0.4% of the time."""
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        try:
+            libc = ctypes.CDLL(name) if name else None
+            _LIBC = libc if libc is not None and hasattr(libc, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if not _LIBC:
+        return False
+    _LIBC.malloc_trim(0)
+    return True
 
 
 def _batch_log_likelihood(draw, args: tuple, num_samples: int, chunk: int) -> torch.Tensor:

@@ -439,11 +439,20 @@ def _read_config(run_dir: Path) -> RunConfig:
     try:
         if isinstance(d, dict):
             _check_config_types(d)
+            _upgrade_config(d)
         config = RunConfig.from_dict(d)
         config.check()
     except (ValueError, TypeError) as e:
         raise ValueError(f"{path}: {e}") from None
     return config
+
+
+def _upgrade_config(d: dict) -> None:
+    """Reads a config.json written under an earlier default: ``unlabelled_per_labelled`` defaulted to 1 before it
+    became 10, and every run recorded it, so a run that is not semi-supervised with the old default 1 gets the
+    current default (the field has no effect there)."""
+    if not d.get("semi_supervised") and d.get("unlabelled_per_labelled") == 1:
+        d["unlabelled_per_labelled"] = RunConfig.unlabelled_per_labelled
 
 
 #: JSON checks of the field annotations of RunConfig (strings: ``from __future__ import annotations``)

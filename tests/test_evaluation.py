@@ -125,6 +125,23 @@ def test_log_likelihood_passes_stay_within_the_budget(lg, x):
     assert torch.allclose(estimate, lg.log_marginal(x), atol=1e-10)
 
 
+def test_log_likelihood_hands_freed_heap_memory_back_between_batches(lg, x, monkeypatch):
+    """A long evaluation trims the C heap (release_freed_memory, glibc's malloc_trim) between batches, at most
+    once per RELEASE_INTERVAL_S, without changing a single estimate (a 10 000-digit K = 5000 evaluation grew to
+    21 GB without it)."""
+    calls = []
+    monkeypatch.setattr(evaluation, "release_freed_memory", lambda: calls.append(1) or True)
+    torch.manual_seed(0)
+    reference = log_likelihood(lg.model, lg.exact_guide, x, num_samples=50, batch_size=2, progress=False)
+    assert calls == []  # (a short evaluation: no batch ends a full interval after the start)
+    monkeypatch.setattr(evaluation, "RELEASE_INTERVAL_S", -1.0)  # every batch
+    torch.manual_seed(0)
+    trimmed = log_likelihood(lg.model, lg.exact_guide, x, num_samples=50, batch_size=2, progress=False)
+    assert len(calls) == math.ceil(len(x) / 2) and torch.equal(trimmed, reference)
+    monkeypatch.undo()
+    assert evaluation.release_freed_memory() in (True, False)  # callable where there is no glibc too
+
+
 def test_log_likelihood_accepts_a_dataloader_of_pairs(lg, x):
     loader = DataLoader(TensorDataset(x, torch.arange(len(x))), batch_size=2)
     estimate = log_likelihood(lg.model, lg.exact_guide, loader, num_samples=10, progress=False)

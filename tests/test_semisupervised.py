@@ -436,3 +436,23 @@ def test_balanced_labels_split_the_remainder_and_repeat_with_the_seed():
         balanced_labels(unbalanced, 62, 3)
     with pytest.raises(DataError, match="from 3 .one per class. to 60"):
         balanced_labels(y, 2, 3)
+
+
+def test_a_run_written_when_the_ratio_defaulted_to_1_still_loads(tmp_path):
+    """Before the default ratio became 10, every run's config.json recorded unlabelled_per_labelled = 1: a run that
+    is not semi-supervised still loads (with the current default, which it does not use); a semi-supervised run
+    keeps the ratio it was trained with."""
+    from pyro_vae import load_run
+    from pyro_vae.cli import main
+
+    for name, options in (("plain", []), ("m2", ["--semi-supervised", "--labels", "20"])):
+        run = tmp_path / name
+        assert main(["train", *options, *FAST, "--out", str(run)]) == 0
+        config = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps(dict(config, unlabelled_per_labelled=1)))
+        assert load_run(run).config.unlabelled_per_labelled == (1 if options else 10)
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(dict(config, semi_supervised=False,
+                                                                    labels=None, aux_weight=None,
+                                                                    unlabelled_per_labelled=3)))
+    with pytest.raises(ValueError, match="--unlabelled-per-labelled applies to --semi-supervised"):
+        load_run(tmp_path / "plain")  # any other ratio on a run that is not semi-supervised is still an error

@@ -13,7 +13,7 @@ import pyro
 import pyro.distributions as dist
 
 import linear_hierarchy as lh
-from pyro_vae import VAE, HierarchicalVAE, fit
+from pyro_vae import VAE, HierarchicalVAE, fit, load_dataset
 from pyro_vae.compiling import gradient_program
 from pyro_vae.objectives import AnalyticKLELBO, IWAEELBO, MonteCarloELBO, RenyiBound
 from pyro_vae.particles import PARTICLE_PLATE, draw_particles, particle_twin, stop_gradient_parameters
@@ -500,6 +500,16 @@ def test_the_structured_mnist_benchmark_runs_through_the_command_line_and_report
         assert r["epochs"] == 1 and r["num_test"] == 50 and len(r["per_point_nll"]) == 50
         assert set(r["latent_sites"]) == {"z1", "z2"} and r["command"].startswith("pyro-vae train --hierarchy 8,4")
     assert bench.main(["--quick", "--out", str(tmp_path), "--report"]) == table
+    # --full-test: the whole test set, a file of its own, and a column of the second table paired with the first row
+    bench.main(["--quick", "--out", str(tmp_path), "--runs", "vae2,vae2-td", "--full-test"])
+    full = {n: json.loads((tmp_path / f"{n}-full.json").read_text()) for n in ("vae2", "vae2-td")}
+    num_test = len(load_dataset("digits").x_test)
+    assert all(len(r["per_point_nll"]) == r["num_test"] == num_test for r in full.values())
+    delta = sum(a - b for a, b in zip(full["vae2-td"]["per_point_nll"], full["vae2"]["per_point_nll"])) / num_test
+    row = next(line for line in bench.main(["--quick", "--out", str(tmp_path), "--report"]).splitlines()
+               if line.startswith("| two-layer VAE (k=1), top-down"))
+    assert row.endswith(f"| {full['vae2-td']['test_nll']:.2f} ± {full['vae2-td']['test_nll_stderr']:.2f}, "
+                        f"Δ {delta:+.2f} ± " + row.rsplit("± ", 1)[1])
 
 
 @pytest.mark.slow
