@@ -58,7 +58,7 @@ class RunConfig:
     semi_supervised: bool = False
     labels: int | None = None
     aux_weight: float | None = None  # alpha per labelled point; None: SemiSupervisedVAE.DEFAULT_AUX_WEIGHT (46)
-    unlabelled_per_labelled: int = 10  # k: one labelled minibatch, then k unlabelled ones
+    unlabelled_per_labelled: int = 10  # k: one labelled minibatch, then k unlabelled ones (= fit's default)
     label_seed: int = 0
     # a model of the user's own (--model FILE.py:CLASS): {spec, class, kwargs, sha256, input_shape}; its source
     # is the run's model.py (pyro_vae.user_model). The VAE options above do not apply to it.
@@ -161,7 +161,7 @@ class RunConfig:
     def _check_semi_supervised(self) -> None:
         if not self.semi_supervised:
             given = [flag for flag, on in (("--labels", self.labels is not None), ("--aux-weight",
-                     self.aux_weight is not None), ("--unlabelled-per-labelled", self.unlabelled_per_labelled != 10),
+                     self.aux_weight is not None), ("--unlabelled-per-labelled", self.unlabelled_per_labelled != RunConfig.unlabelled_per_labelled),
                      ("--label-seed", self.label_seed != 0)) if on]
             if given:
                 raise ValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to "

@@ -41,6 +41,10 @@ from .distributed import World, all_reduce_sum, average_gradients, setup, shard
 from .objectives import MonteCarloELBO, as_particle_objective, make_objective
 from .particles import guess_plate_nesting
 
+#: semi-supervised training's default k: one labelled minibatch before every k unlabelled ones (why 10:
+#: docs/semi-supervised.md)
+UNLABELLED_PER_LABELLED = 10
+
 __all__ = ["fit", "check_model", "module_dtype", "TrainState", "TrainingData", "prepare_training_data", "train_epoch", "guarded_step",
            "Callback", "ProgressBar", "KLWarmup", "LRSchedule", "EarlyStopping", "learning_rate", "ObjectiveModule",
            "make_adam", "resolve_device", "resolve_objective", "mean_loss", "DivergenceError"]
@@ -193,7 +197,7 @@ class TrainingData:
     dynamic: bool = False  # draw a fresh binarization every epoch
     val: tuple | None = None  # validation arguments (x,) or (x, c)
     labelled: tuple | None = None  # semi-supervised training: the labelled points (x_l, y_l); x is unlabelled
-    unlabelled_per_labelled: int = 10  # k: one labelled minibatch, then k unlabelled ones
+    unlabelled_per_labelled: int = UNLABELLED_PER_LABELLED  # k: one labelled minibatch, then k unlabelled ones
 
     def batches(self, generator: torch.Generator, batch_size: int, world: World):
         """This epoch's minibatches as argument tuples: a permutation (and binarization) from ``generator``,
@@ -294,7 +298,7 @@ def _tensor_data(vae, data, name: str, device):
 
 
 def prepare_training_data(vae, train, val=None, binarize_mode: str = "auto", device="cpu", labelled=None,
-                          unlabelled_per_labelled: int = 10) -> TrainingData:
+                          unlabelled_per_labelled: int = UNLABELLED_PER_LABELLED) -> TrainingData:
     """Check the data once (shape, finiteness, the likelihood's support, conditions) and move it to ``device``.
 
     ``train``/``val`` are tensors or numpy arrays, pairs ``(x, c)`` for a conditional VAE, or a DataLoader of
@@ -640,7 +644,7 @@ def fit(vae, train, val=None, *, objective="analytic", epochs: int = 10, batch_s
         lr_schedule: str = "constant", lr_final: float | None = None, adam_eps: float = 1e-8, kl_warmup: int = 0,
         patience: int | None = None, init_output_bias: str = "data-mean", binarize_mode: str = "auto",
         on_nan: str = "stop", seed: int = 0, device="cpu", compile: bool = False, progress: bool = True,
-        callbacks=(), resume_state: dict | None = None, labelled=None, unlabelled_per_labelled: int = 10,
+        callbacks=(), resume_state: dict | None = None, labelled=None, unlabelled_per_labelled: int = UNLABELLED_PER_LABELLED,
         **objective_options) -> list[dict]:
     """Train ``vae`` by SVI on ``train`` (tensor, numpy array, ``(x, c)`` pair or DataLoader); per-epoch metrics.
 

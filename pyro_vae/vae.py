@@ -44,7 +44,6 @@ __all__ = ["VAE", "as_batch"]
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
-
 def model_modules(vae) -> dict:
     """The modules of a VAE's model p(x, z) that it registers with ``pyro.module``: the decoder, the likelihood when
     it has learned parameters, a learned prior, and for the VampPrior (p(z) = mean_k q(z | u_k) runs the encoder)
@@ -57,6 +56,7 @@ def model_modules(vae) -> dict:
         if getattr(vae.learned_prior, "encode", None) == vae._pseudo_posterior:
             modules.update(vae._guide_modules())
     return modules
+
 
 class VAE(nn.Module):
     """A variational autoencoder: decoder = Pyro model, encoder = Pyro guide.

@@ -18,7 +18,7 @@ from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO, config_enumerate
 from pyro_vae import VAE, SemiSupervisedVAE, fit, load_dataset
 from pyro_vae.distributed import World
 from pyro_vae.networks import MLPEncoder
-from pyro_vae.training import Callback, TrainingData
+from pyro_vae.training import UNLABELLED_PER_LABELLED, Callback, TrainingData
 
 TINY = dict(progress=False, init_output_bias="default")
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -318,7 +318,8 @@ def test_cli_semi_supervised_train_evaluate_sample(tmp_path, capsys):
     record = json.loads((run / "labels.json").read_text())
     digits = load_dataset("digits")
     assert config["objective"] == "enum" and config["aux_weight"] == SemiSupervisedVAE.DEFAULT_AUX_WEIGHT == 46
-    assert config["unlabelled_per_labelled"] == 10 and load_run(run).vae.aux_weight == 46
+    assert config["unlabelled_per_labelled"] == 10 == UNLABELLED_PER_LABELLED  # the command line's k is fit's
+    assert load_run(run).vae.aux_weight == 46
     assert record["per_class"] == [2] * 10
     assert record["indices"] == balanced_labels(digits.y_train, 20, 10, seed=0).tolist()
     metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
