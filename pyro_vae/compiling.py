@@ -87,6 +87,10 @@ class Captured:
             dry run, whose undone draws must not enter the graph) happens there.
         cuda_graphs: on a GPU, replay the compiled graph with CUDA graphs (Inductor's ``triton.cudagraphs``).
         name: what the one-line fallback message calls this program.
+        constants: a callable returning the plain values ``fn`` reads that a recording freezes into the graph
+            (an objective's ``num_particles``, ``estimator``, ``alpha``): they join each graph's key, so after
+            one changes the next call records a graph of its own instead of replaying one that computes the old
+            value.
 
     Attributes: ``capture_seconds`` and ``compile_seconds`` (wall time spent recording and compiling, summed
     over the signatures seen), ``graphs`` (signature -> compiled callable), ``fallback`` (the cause, once capture
@@ -94,8 +98,10 @@ class Captured:
     """
 
     def __init__(self, fn: Callable, tensors: Callable[[], Sequence[torch.Tensor]], *, prepare: Callable | None = None,
-                 compile: bool = True, cuda_graphs: bool = False, name: str = "the step"):
+                 compile: bool = True, cuda_graphs: bool = False, name: str = "the step",
+                 constants: Callable[[], tuple] | None = None):
         self.fn, self.tensors, self.prepare, self.name = fn, tensors, prepare, name
+        self.constants = constants
         self.compile, self.cuda_graphs = compile, cuda_graphs
         self.graphs: dict = {}
         self.capture_seconds = self.compile_seconds = 0.0
@@ -110,7 +116,7 @@ class Captured:
     def __call__(self, *args):
         if self.fallback is not None:
             return self.fn(*args)
-        key = signature(args)
+        key = signature(args) + ((("constants",) + tuple(self.constants()),) if self.constants else ())
         graph = self.graphs.get(key)
         if graph is None:
             try:

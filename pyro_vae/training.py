@@ -97,6 +97,10 @@ def make_adam(params, lr: float, device: torch.device, eps: float = 1e-8) -> tor
 COMPILE_MODES = (False, True, "graph")
 
 
+#: objective options a captured training step records as constants (a changed value records a new graph)
+RECORDED_OPTIONS = ("num_particles", "estimator", "alpha")
+
+
 class ObjectiveModule(nn.Module):
     """``forward(*batch)``: the objective's loss on a minibatch, as a module that ``DistributedDataParallel``
     can wrap. Pyro's Trace_ELBO / TraceMeanField_ELBO are replaced by their particle equivalents
@@ -125,12 +129,18 @@ class ObjectiveModule(nn.Module):
         self.step = None
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {', '.join(map(repr, COMPILE_MODES))}, got {compile!r}")
+        # the KL weight of our ELBOs enters a captured step as an input, read live (a KL warm-up changes it every
+        # epoch); every other option is recorded as a constant and keys the graph
+        self.live_beta = isinstance(self.objective, MonteCarloELBO)
         if compile:
             tensors = self.params + [b for b in vae.buffers() if b.is_floating_point()]  # (integer buffers, such
             # as a flow's permutation, are structure: recorded as constants)
-            self.step = Captured(gradient_program(self._loss, self.params), lambda: tensors, prepare=self._value,
+            loss, value = self._loss, self._value
+            if self.live_beta:
+                loss, value = self._reading_beta(loss), self._reading_beta(value)
+            self.step = Captured(gradient_program(loss, self.params), lambda: tensors, prepare=value,
                                  compile=compile != "graph", cuda_graphs=any(p.is_cuda for p in self.params),
-                                 name="the training step")
+                                 name="the training step", constants=self._recorded_options)
 
     @property
     def compiled(self) -> bool:
@@ -155,8 +165,32 @@ class ObjectiveModule(nn.Module):
 
     def loss_and_grads(self, *batch):
         """(loss, gradients of loss / B for ``self.params``) from the captured step (``compile=True``)."""
+        if self.live_beta:  # beta = 1 (the ELBO itself) as the number, so that its graph has no weighting in it
+            beta = float(self.objective.beta)
+            batch = batch + (beta if beta == 1 else
+                             torch.tensor(beta, dtype=self.params[0].dtype, device=self.params[0].device),)
         loss, *grads = self.step(*batch)
         return loss, grads
+
+    def _recorded_options(self) -> tuple:
+        """The objective's options that a captured graph holds as constants (:data:`RECORDED_OPTIONS`, and
+        ``beta`` of an objective whose formula is not ours): a changed value records a new graph."""
+        names = RECORDED_OPTIONS + (() if self.live_beta else ("beta",))
+        return tuple((name, getattr(self.objective, name, None)) for name in names)
+
+    def _reading_beta(self, fn):
+        """``program(*batch, beta)``: ``fn(*batch)`` with the objective's KL weight set to ``beta`` for the
+        call. :meth:`loss_and_grads` passes beta = 1 as the number (one graph, the unweighted ELBO) and any other
+        beta as a 0-d tensor, which a captured graph takes as an input: one graph for every beta of a warm-up."""
+        def program(*args):
+            *batch, beta = args
+            saved, self.objective.beta = self.objective.beta, beta
+            try:
+                return fn(*batch)
+            finally:
+                self.objective.beta = saved
+
+        return program
 
 
 def _settled_plate_nesting(objective, model, guide, loss):

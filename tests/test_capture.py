@@ -20,7 +20,7 @@ from pyro_vae import VAE, ConditionalVAE, fit, load_dataset
 from pyro_vae.compiling import Captured, gradient_program
 from pyro_vae.evaluation import elbo, log_likelihood
 from pyro_vae.objectives import AnalyticKLELBO, IWAEELBO, MonteCarloELBO, RenyiBound
-from pyro_vae.training import ObjectiveModule
+from pyro_vae.training import Callback, ObjectiveModule
 from tiny_vae import TinyVAE
 
 needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
@@ -163,6 +163,73 @@ def test_fit_with_a_captured_step_trains_a_user_module_exactly_as_eager():
     eager, captured = histories
     assert [m["train_loss"] for m in captured] == pytest.approx([m["train_loss"] for m in eager], rel=1e-5)
     assert [m["val_elbo"] for m in captured] == pytest.approx([m["val_elbo"] for m in eager], rel=1e-5)
+
+
+@pytest.mark.parametrize("compile", ["graph", pytest.param(True, marks=[pytest.mark.slow, needs_compiler])])
+def test_a_kl_warmup_trains_the_captured_step_exactly_as_eager(compile):
+    """The captured step reads the annealed KL weight: beta changes every epoch of a warm-up, and a graph that
+    froze the first epoch's beta would train the whole run at beta = 1/E (the bug this guards against)."""
+    data = load_dataset("digits")
+    histories, graphs = [], _Graphs()
+    for mode in (False, compile):
+        torch.manual_seed(0)
+        history = fit(TinyVAE(), data.x_train[:256], data.x_val, epochs=4, batch_size=64, compile=mode,
+                      binarize_mode="dynamic", progress=False, kl_warmup=3, callbacks=[graphs])
+        histories.append(history)
+    eager, captured = histories
+    assert [m["beta"] for m in captured] == [pytest.approx(b) for b in (1 / 3, 2 / 3, 1.0, 1.0)]
+    rel = 1e-5 if compile == "graph" else 1e-4  # (Inductor fuses: float rounding)
+    assert [m["train_loss"] for m in captured] == pytest.approx([m["train_loss"] for m in eager], rel=rel)
+    assert [m["val_elbo"] for m in captured] == pytest.approx([m["val_elbo"] for m in eager], rel=rel)
+    assert graphs.seen == [1, 1, 2, 2]  # one graph for every beta < 1, one for the ELBO itself
+
+
+class _Graphs(Callback):
+    """Records how many graphs the captured step holds after each epoch (nothing for an eager run)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_epoch_end(self, state, metrics):
+        step = state.objective_module.step
+        if step is not None:
+            self.seen.append(len(step.graphs))
+
+
+@pytest.mark.parametrize("objective, option, values", [
+    (lambda: AnalyticKLELBO(), "beta", (0.25, 0.75, 1.0)),
+    (lambda: RenyiBound(alpha=0.2, num_particles=3), "alpha", (0.2, 0.6)),
+    (lambda: IWAEELBO(num_particles=3), "estimator", ("iwae", "dreg")),
+    (lambda: _WeightedIWAE(num_particles=2), "beta", (0.5, 2.0)),
+])
+def test_an_option_changed_between_steps_reaches_the_captured_step(objective, option, values):
+    """After the objective's option changes, the captured step equals the eager one at the new value: beta of
+    our ELBOs as an input of one graph, every other option (and a user objective's beta) by a new graph."""
+    module, batch = make("user")
+    objective = objective()
+    om = ObjectiveModule(module, objective, compile="graph")
+    eager_step = gradient_program(om._loss, om.params)
+    for value in values:
+        setattr(om.objective, option, value)
+        results = []
+        for fn in (eager_step, om.loss_and_grads):
+            pyro.set_rng_seed(7)
+            with pyro.validation_enabled(False):
+                out = fn(*batch)
+            results.append(list(out) if fn is eager_step else [out[0], *out[1]])
+        for a, b in zip(*results):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    expected = {"beta": 2 if isinstance(om.objective, MonteCarloELBO) else len(values)}.get(option, len(values))
+    assert len(om.step.graphs) == expected
+
+
+class _WeightedIWAE(IWAEELBO):
+    """A user's objective, not one of our ELBOs, with a float attribute its formula reads: the bound times beta."""
+    beta = 1.0
+
+    def bound(self, particles):
+        value, surrogate = super().bound(particles)
+        return self.beta * value, self.beta * surrogate
 
 
 def test_resume_with_a_captured_step_is_bit_exact():

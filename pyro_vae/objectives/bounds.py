@@ -43,14 +43,21 @@ def elbo(p: Particles, beta: float = 1.0, analytic_kl: bool = False):
             raise ValueError("the analytic-KL ELBO needs particles drawn with kl=True")
         per_particle = p.log_px_given_z - _times(beta, p.kl)
     else:
-        per_particle = p.log_weights if beta == 1 else p.log_px_given_z - beta * (p.log_qz - p.log_pz)
+        per_particle = (p.log_weights if _is_one(beta) else
+                        p.log_px_given_z - beta * (p.log_qz - p.log_pz))
     value = _times(p.scale / per_particle.shape[0], per_particle.sum())  # the mean over the K particles
     return value, value
 
 
-def _times(factor: float, value: torch.Tensor) -> torch.Tensor:
+def _times(factor, value: torch.Tensor) -> torch.Tensor:
     """factor * value, without a multiplication by 1 (the common case) in the graph."""
-    return value if factor == 1 else factor * value
+    return value if _is_one(factor) else factor * value
+
+
+def _is_one(factor) -> bool:
+    """Whether ``factor`` is the number 1. A tensor never is: a captured step takes the KL weight as a 0-d tensor
+    input, whose value the graph must not freeze into a branch."""
+    return not torch.is_tensor(factor) and factor == 1
 
 
 def renyi(p: Particles, alpha: float = 0.0, estimator: str = "iwae"):
