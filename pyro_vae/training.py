@@ -132,6 +132,7 @@ class ObjectiveModule(nn.Module):
         # the KL weight of our ELBOs enters a captured step as an input, read live (a KL warm-up changes it every
         # epoch); every other option is recorded as a constant and keys the graph
         self.live_beta = isinstance(self.objective, MonteCarloELBO)
+        self._beta = None  # (value, its 0-d tensor), see _beta_input
         if compile:
             tensors = self.params + [b for b in vae.buffers() if b.is_floating_point()]  # (integer buffers, such
             # as a flow's permutation, are structure: recorded as constants)
@@ -165,12 +166,20 @@ class ObjectiveModule(nn.Module):
 
     def loss_and_grads(self, *batch):
         """(loss, gradients of loss / B for ``self.params``) from the captured step (``compile=True``)."""
-        if self.live_beta:  # beta = 1 (the ELBO itself) as the number, so that its graph has no weighting in it
-            beta = float(self.objective.beta)
-            batch = batch + (beta if beta == 1 else
-                             torch.tensor(beta, dtype=self.params[0].dtype, device=self.params[0].device),)
+        if self.live_beta:
+            batch = batch + (self._beta_input(),)
         loss, *grads = self.step(*batch)
         return loss, grads
+
+    def _beta_input(self):
+        """beta = 1 (the ELBO itself) as the number, so that its graph has no weighting in it; any other beta as
+        a 0-d tensor on the parameters' device, made once per value (no host-to-device copy per step)."""
+        beta = float(self.objective.beta)
+        if beta == 1:
+            return beta
+        if self._beta is None or self._beta[0] != beta:
+            self._beta = (beta, torch.tensor(beta, dtype=self.params[0].dtype, device=self.params[0].device))
+        return self._beta[1]
 
     def _recorded_options(self) -> tuple:
         """The objective's options that a captured graph holds as constants (:data:`RECORDED_OPTIONS`, and
@@ -180,8 +189,8 @@ class ObjectiveModule(nn.Module):
 
     def _reading_beta(self, fn):
         """``program(*batch, beta)``: ``fn(*batch)`` with the objective's KL weight set to ``beta`` for the
-        call. :meth:`loss_and_grads` passes beta = 1 as the number (one graph, the unweighted ELBO) and any other
-        beta as a 0-d tensor, which a captured graph takes as an input: one graph for every beta of a warm-up."""
+        call. :meth:`_beta_input` gives beta = 1 as the number (one graph, the unweighted ELBO) and any other beta
+        as a 0-d tensor, which a captured graph takes as an input: one graph for every beta of a warm-up."""
         def program(*args):
             *batch, beta = args
             saved, self.objective.beta = self.objective.beta, beta
